@@ -1,0 +1,290 @@
+"""Command line: argv -> config -> logging -> run. The only place that exits.
+
+    idtoken-proxy --config FILE              serve the routes of a YAML file
+    idtoken-proxy --upstream URL [...]       serve one upstream at /
+    idtoken-proxy check FILE                 validate a config offline, print the routes
+    idtoken-proxy token AUDIENCE             print a fresh ID token
+
+Every serving flag can also be set as IDTOKEN_PROXY_<FLAG> (for example
+IDTOKEN_PROXY_UPSTREAM, IDTOKEN_PROXY_LOG_LEVEL); flags win over the
+environment, which wins over the file, which wins over the defaults.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import os
+import sys
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+from . import __version__
+from .config import HEADER_MODES, LOG_FORMATS, LOG_LEVELS, Config, ConfigError, parse_config, read_yaml
+from .errors import CredentialError
+from .logs import setup_logging
+
+EXIT_OK = 0
+EXIT_USAGE = 2  # argparse's own code for a bad command line
+EXIT_CONFIG = 2
+EXIT_STARTUP = 3
+
+ENV_PREFIX = "IDTOKEN_PROXY_"
+
+log = logging.getLogger("idtoken_proxy")
+
+
+def _env_default(parser: argparse.ArgumentParser, env: Mapping[str, str]) -> None:
+    """Let IDTOKEN_PROXY_<DEST> supply a default for every option."""
+    for action in parser._actions:
+        if not action.option_strings or action.dest in ("help", "version"):
+            continue
+        name = ENV_PREFIX + action.dest.upper()
+        if name in env:
+            value: Any = env[name]
+            if isinstance(action, argparse._StoreTrueAction):
+                value = value.strip().lower() in ("1", "true", "yes", "on")
+            elif action.type is not None:
+                try:
+                    value = action.type(value)
+                except ValueError:
+                    parser.error(f"{name}={value!r}: not a valid value for {action.option_strings[-1]}")
+            if action.choices is not None and value not in action.choices:
+                parser.error(f"{name}={value!r}: must be one of {', '.join(map(str, action.choices))}")
+            action.default = value
+            action.required = False
+        if action.help and action.help is not argparse.SUPPRESS:
+            action.help += f" [env {name}]"
+
+
+def serve_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="idtoken-proxy",
+        description=(
+            "Local authenticating reverse proxy for private Cloud Run services and Cloud Functions: "
+            "forwards plain requests with a Google-signed ID token for each route's audience."
+        ),
+        epilog=(
+            "Subcommands: `idtoken-proxy check FILE [--resolve]` validates a config; "
+            "`idtoken-proxy token AUDIENCE` prints a token. Flags win over IDTOKEN_PROXY_* "
+            "environment variables, which win over the config file."
+        ),
+    )
+    p.add_argument("--config", metavar="FILE", help="YAML config with one or more routes")
+    p.add_argument("--upstream", metavar="URL", help="quick mode: the one service to serve at / (no config file)")
+    p.add_argument("--audience", metavar="AUD", help="quick mode: token audience (default: the upstream URL)")
+    p.add_argument(
+        "--header",
+        choices=HEADER_MODES,
+        help="quick mode: header that carries the token (default: authorization)",
+    )
+    p.add_argument("--host", help="address to listen on (default: 127.0.0.1)")
+    p.add_argument("--port", type=int, help="port to listen on (default: 8080)")
+    p.add_argument(
+        "--allow-non-loopback",
+        action="store_true",
+        default=None,
+        help="allow listening on a non-loopback address (anyone who reaches it acts with the proxy's identity)",
+    )
+    p.add_argument("--log-level", choices=LOG_LEVELS, help="debug, info (default), warning or error")
+    p.add_argument("--log-format", choices=LOG_FORMATS, help="text (default) or json")
+    p.add_argument("--version", action="version", version=f"idtoken-proxy {__version__}")
+    return p
+
+
+def build_config(args: argparse.Namespace, env: Mapping[str, str]) -> Config:
+    """Config from a file or the quick-mode flags, with flags applied on top."""
+    if args.config and args.upstream:
+        raise ConfigError(["--config and --upstream: use one or the other (a config file can hold many routes)"])
+    if args.config:
+        raw = read_yaml(args.config)
+        if raw is None:
+            raw = {}
+        if not isinstance(raw, dict):
+            raise ConfigError([f"{args.config}: must be a YAML mapping with a routes list"])
+        for flag in ("audience", "header"):
+            if getattr(args, flag) is not None:
+                raise ConfigError([f"--{flag} applies to quick mode (--upstream); set it per route in {args.config}"])
+    elif args.upstream:
+        route: dict[str, Any] = {"upstream": args.upstream}
+        if args.audience:
+            route["audience"] = args.audience
+        if args.header:
+            route["header"] = args.header
+        raw = {"routes": [route]}
+    else:
+        raise ConfigError(["nothing to serve: pass --config FILE or --upstream URL (see --help)"])
+    listen = raw.setdefault("listen", {}) if isinstance(raw.get("listen", {}), dict) else raw["listen"]
+    if isinstance(listen, dict):
+        if args.host is not None:
+            listen["host"] = args.host
+        if args.port is not None:
+            listen["port"] = args.port
+        if args.allow_non_loopback:
+            listen["allow_non_loopback"] = True
+    logc = raw.setdefault("log", {}) if isinstance(raw.get("log", {}), dict) else raw["log"]
+    if isinstance(logc, dict):
+        if args.log_level:
+            logc["level"] = args.log_level
+        if args.log_format:
+            logc["format"] = args.log_format
+    try:
+        return parse_config(raw, env)
+    except ConfigError as e:
+        if args.upstream:
+            # Quick mode has no file: name the flags, not routes[0].
+            e.errors = [m.replace("routes[0].", "--") for m in e.errors]
+        raise
+
+
+def _print_errors(title: str, errors: Sequence[str]) -> None:
+    print(f"idtoken-proxy: {title}:", file=sys.stderr)
+    for line in errors:
+        print(f"  {line}", file=sys.stderr)
+
+
+def route_table(config: Config) -> str:
+    rows = [("NAME", "MATCH", "UPSTREAM", "AUDIENCE", "HEADER", "IDENTITY")]
+    for r in config.routes:
+        rows.append((r.name, f"{r.host or '*'}{r.prefix}", r.upstream, r.audience, r.header, r.credentials.source))
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    return "\n".join("  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip() for row in rows)
+
+
+def cmd_check(argv: Sequence[str], env: Mapping[str, str]) -> int:
+    p = argparse.ArgumentParser(prog="idtoken-proxy check", description="Validate a config file and print its routes.")
+    p.add_argument("file", nargs="?", default=env.get(ENV_PREFIX + "CONFIG"), help="the YAML config [env IDTOKEN_PROXY_CONFIG]")
+    p.add_argument("--resolve", action="store_true", help="also contact the identity sources and show who each route runs as")
+    args = p.parse_args(argv)
+    if not args.file:
+        p.error("a config FILE is required")
+    try:
+        config = parse_config(read_yaml(args.file), env)
+    except ConfigError as e:
+        _print_errors(f"{args.file} has {len(e.errors)} error{'s' * (len(e.errors) != 1)}", e.errors)
+        return EXIT_CONFIG
+    print(f"{args.file}: OK, {len(config.routes)} route{'s' * (len(config.routes) != 1)}, listening on {config.listen.host}:{config.listen.port}")
+    print(route_table(config))
+    if args.resolve:
+        return _resolve(config)
+    return EXIT_OK
+
+
+def _resolve(config: Config) -> int:
+    from .app import build_identities
+
+    setup_logging("warning")
+    try:
+        identities = build_identities(config)
+    except CredentialError as e:
+        print(f"idtoken-proxy: {e}", file=sys.stderr)
+        return EXIT_STARTUP
+
+    async def run() -> int:
+        status = EXIT_OK
+        for ident in identities.values():
+            await ident.resolve()
+        for r in config.routes:
+            ident = identities[r.credentials]
+            try:
+                m = await ident.fetch(r.audience)
+                print(f"{r.name}: {ident.describe()}, token audience {m.aud}, valid for {m.exp - __import__('time').time():.0f} s")
+            except Exception as e:  # noqa: BLE001 - reported per route
+                from .tokens import _describe
+
+                print(f"{r.name}: {ident.describe()}: cannot get a token: {_describe(e)}")
+                status = EXIT_STARTUP
+        return status
+
+    return asyncio.run(run())
+
+
+def cmd_token(argv: Sequence[str], env: Mapping[str, str]) -> int:
+    p = argparse.ArgumentParser(prog="idtoken-proxy token", description="Print a fresh ID token for AUDIENCE (for scripts).")
+    p.add_argument("audience", help="the audience, usually the service URL")
+    p.add_argument("--config", metavar="FILE", default=env.get(ENV_PREFIX + "CONFIG"), help="use the config's top-level credentials")
+    args = p.parse_args(argv)
+    from .config import Credentials
+    from .identity import build_identity
+
+    setup_logging("warning")
+    creds = Credentials()
+    if args.config:
+        raw = None
+        try:
+            raw = read_yaml(args.config)
+            if isinstance(raw, dict) and "routes" not in raw:
+                raw = {**raw, "routes": [{"upstream": "http://127.0.0.1"}]}
+            creds = parse_config(raw, env).credentials
+        except ConfigError as e:
+            _print_errors(f"{args.config} has errors", e.errors)
+            return EXIT_CONFIG
+    try:
+        ident = build_identity(creds)
+        m = asyncio.run(ident.fetch(args.audience))
+    except CredentialError as e:
+        print(f"idtoken-proxy: {e}", file=sys.stderr)
+        return EXIT_STARTUP
+    except Exception as e:  # noqa: BLE001
+        from .tokens import _describe
+
+        print(f"idtoken-proxy: cannot get a token for {args.audience}: {_describe(e)}", file=sys.stderr)
+        return EXIT_STARTUP
+    print(m.token)
+    return EXIT_OK
+
+
+def cmd_serve(argv: Sequence[str], env: Mapping[str, str]) -> int:
+    parser = serve_parser()
+    _env_default(parser, env)
+    args = parser.parse_args(argv)
+    if not args.config and env.get(ENV_PREFIX + "CONFIG") and not args.upstream:
+        args.config = env[ENV_PREFIX + "CONFIG"]
+    try:
+        config = build_config(args, env)
+    except ConfigError as e:
+        _print_errors("configuration error" + ("s" if len(e.errors) > 1 else ""), e.errors)
+        return EXIT_CONFIG
+    setup_logging(config.log.level, config.log.format)
+
+    from .app import build_identities, make_app
+    from .server import StartupError, serve
+
+    try:
+        identities = build_identities(config)
+        app = make_app(config, identities=identities)
+    except CredentialError as e:
+        print(f"idtoken-proxy: {e}", file=sys.stderr)
+        return EXIT_STARTUP
+    try:
+        _run(serve(app, config))
+    except StartupError as e:
+        print(f"idtoken-proxy: {e}", file=sys.stderr)
+        return EXIT_STARTUP
+    return EXIT_OK
+
+
+def _run(coro: Any) -> None:
+    """Run on uvloop where it exists, else on asyncio's own loop."""
+    try:
+        import uvloop
+    except ImportError:
+        asyncio.run(coro)
+        return
+    with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
+        runner.run(coro)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = list(sys.argv[1:] if argv is None else argv)
+    env = os.environ
+    if args and args[0] == "check":
+        return cmd_check(args[1:], env)
+    if args and args[0] == "token":
+        return cmd_token(args[1:], env)
+    return cmd_serve(args, env)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,112 @@
+"""The application factory: the only place that wires the parts together."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+
+import aiohttp
+from aiohttp import web
+
+from .config import Config, Credentials
+from .forward import Forwarder
+from .identity import Identity, build_identity
+from .router import CompiledRoute, Router, compile_route
+from .tokens import TokenCache
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class ProxyState:
+    config: Config
+    identities: dict[Credentials, Identity]
+    tokens: TokenCache
+    router: Router
+    forwarder: Forwarder | None = None
+    extras: dict[str, object] = field(default_factory=dict)
+
+
+STATE = web.AppKey("state", ProxyState)
+
+
+def build_identities(config: Config) -> dict[Credentials, Identity]:
+    """One identity per distinct credentials block; raises CredentialError."""
+    identities: dict[Credentials, Identity] = {}
+    for route in config.routes:
+        if route.credentials not in identities:
+            identities[route.credentials] = build_identity(route.credentials)
+    return identities
+
+
+def make_app(
+    config: Config,
+    *,
+    identities: dict[Credentials, Identity] | None = None,
+    tokens: TokenCache | None = None,
+) -> web.Application:
+    """Build the proxy application. Tests pass ``identities``/``tokens`` to inject fakes."""
+    if identities is None:
+        identities = build_identities(config)
+    if tokens is None:
+        tokens = TokenCache()
+    compiled: list[CompiledRoute] = [
+        compile_route(r, tokens.register(identities[r.credentials], r.audience)) for r in config.routes
+    ]
+    state = ProxyState(config=config, identities=identities, tokens=tokens, router=Router(compiled))
+
+    app = web.Application()
+    app[STATE] = state
+    app.cleanup_ctx.append(_client_session)
+    app.cleanup_ctx.append(_token_lifecycle)
+
+    async def proxy(request: web.Request) -> web.StreamResponse:
+        assert state.forwarder is not None
+        return await state.forwarder(request)
+
+    app.router.add_route("*", "/{tail:.*}", proxy)
+    return app
+
+
+async def _client_session(app: web.Application) -> AsyncIterator[None]:
+    """One process-wide ClientSession with a keep-alive pool."""
+    state = app[STATE]
+    connector = aiohttp.TCPConnector(limit=0, ttl_dns_cache=300, keepalive_timeout=30)
+    session = aiohttp.ClientSession(
+        connector=connector,
+        # Never share cookies between clients: each upstream Set-Cookie goes to the client.
+        cookie_jar=aiohttp.DummyCookieJar(),
+        # Bytes pass as they are: no decompression, no re-encoding.
+        auto_decompress=False,
+        # Per-route timeouts are applied around the wait for response headers only.
+        timeout=aiohttp.ClientTimeout(total=None, sock_connect=10),
+        # Honour HTTPS_PROXY / NO_PROXY, as users behind corporate proxies expect.
+        trust_env=True,
+    )
+    state.forwarder = Forwarder(state.router, state.tokens, session)
+    yield
+    await session.close()
+
+
+async def _token_lifecycle(app: web.Application) -> AsyncIterator[None]:
+    """Learn who we are, report the routes, start fetching tokens; stop refreshing on exit."""
+    state = app[STATE]
+    for ident in state.identities.values():
+        await ident.resolve()
+    for r in state.router.routes:
+        ident = state.identities[r.route.credentials]
+        log.info(
+            "route %s: %s%s -> %s (audience %s, %s header, identity %s%s)",
+            r.name,
+            r.route.host or "",
+            r.route.prefix,
+            r.route.upstream,
+            r.route.audience,
+            r.route.header,
+            ident.describe(),
+            f"; chosen because {ident.reason}" if ident.reason else "",
+        )
+    await state.tokens.warm_up()
+    yield
+    await state.tokens.close()

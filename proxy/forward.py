@@ -1,0 +1,171 @@
+"""The proxy handler: match a route, attach its token, stream both ways.
+
+Failures map to statuses a client can act on: 400 for a target the proxy will
+not forward, 404 for no route, 502 when the upstream cannot be reached or breaks
+off, 503 (with Retry-After) when no token can be had, 504 when the upstream
+sends no response headers within the route's timeout.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import ssl
+from collections.abc import AsyncIterator
+
+import aiohttp
+from aiohttp import hdrs, web
+
+from .errors import BadRequest, ProxyError, TokenUnavailable, UpstreamError, UpstreamTimeout, redact
+from .headers import downstream_response_headers, rewrite_location, upstream_request_headers
+from .router import CompiledRoute, Router, split_target
+from .tokens import TokenCache
+
+log = logging.getLogger(__name__)
+
+#: Headers aiohttp's client would otherwise add on its own.
+SKIP_AUTO_HEADERS = frozenset({hdrs.USER_AGENT, hdrs.ACCEPT_ENCODING, hdrs.ACCEPT, hdrs.CONTENT_TYPE})
+
+ROUTE_KEY = "idtoken_proxy.route"
+
+
+def error_response(exc: ProxyError) -> web.Response:
+    headers = {hdrs.CONTENT_TYPE: "text/plain; charset=utf-8", "Cache-Control": "no-store"}
+    if isinstance(exc, TokenUnavailable):
+        headers[hdrs.RETRY_AFTER] = str(exc.retry_after)
+    return web.Response(status=exc.status, text=redact(exc.body()), headers=headers)
+
+
+class BodyTooLarge(ProxyError):
+    status = 413
+
+
+async def _capped(stream: aiohttp.StreamReader, cap: int) -> AsyncIterator[bytes]:
+    seen = 0
+    async for chunk in stream.iter_any():
+        seen += len(chunk)
+        if seen > cap:
+            raise BodyTooLarge(f"request body exceeds max_body_bytes ({cap} bytes)")
+        yield chunk
+
+
+class Forwarder:
+    """Forwards requests for a router's routes through one shared ClientSession."""
+
+    def __init__(self, router: Router, tokens: TokenCache, session: aiohttp.ClientSession) -> None:
+        self.router = router
+        self.tokens = tokens
+        self.session = session
+
+    async def __call__(self, request: web.Request) -> web.StreamResponse:
+        try:
+            return await self.forward(request)
+        except ProxyError as e:
+            if isinstance(e, BodyTooLarge):
+                # The rest of the body was not read: the connection cannot be reused.
+                resp = error_response(e)
+                resp.force_close()
+                return resp
+            return error_response(e)
+
+    async def forward(self, request: web.Request) -> web.StreamResponse:
+        if request.method == hdrs.METH_CONNECT:
+            raise ProxyError("CONNECT is not supported: this is a reverse proxy", status=405)
+        target = split_target(request.raw_path)
+        host = request_host(request)
+        route, rest = self.router.match(host, target)
+        request[ROUTE_KEY] = route.name
+        r = route.route
+
+        body: object = None
+        if request.body_exists:
+            cap = r.max_body_bytes
+            length = request.content_length
+            if cap is not None and length is not None and length > cap:
+                raise BodyTooLarge(f"request body of {length} bytes exceeds max_body_bytes ({cap} bytes)")
+            body = request.content if cap is None or length is not None else _capped(request.content, cap)
+
+        token = await self.tokens.get(route.token_key)
+        url = route.upstream_url(rest, target.query)
+        headers = upstream_request_headers(
+            request.headers,
+            host=route.host_header,
+            token_header=r.header,
+            token=token,
+            client_ip=request.remote,
+            forwarded_host=request.headers.get(hdrs.HOST),
+        )
+        try:
+            async with asyncio.timeout(r.timeout):
+                upstream = await self.session.request(
+                    request.method,
+                    url,
+                    headers=headers,
+                    data=body,
+                    allow_redirects=False,
+                    skip_auto_headers=SKIP_AUTO_HEADERS,
+                )
+        except TimeoutError:
+            raise UpstreamTimeout(f"{route.name}: no response from {route.origin} within {r.timeout:g} s") from None
+        except BodyTooLarge:
+            raise
+        except aiohttp.ClientConnectorCertificateError as e:
+            raise UpstreamError(f"{route.name}: TLS certificate of {route.origin} not trusted ({type(e.certificate_error).__name__})") from None
+        except (aiohttp.ClientSSLError, ssl.SSLError) as e:
+            raise UpstreamError(f"{route.name}: TLS failure talking to {route.origin} ({type(e).__name__})") from None
+        except aiohttp.ClientConnectorError as e:
+            raise UpstreamError(f"{route.name}: cannot connect to {route.origin} ({e.os_error.strerror or type(e.os_error).__name__})") from None
+        except aiohttp.ClientError as e:
+            raise UpstreamError(f"{route.name}: upstream {route.origin} failed ({_client_error(e)})") from None
+        return await self._relay(request, route, upstream)
+
+    async def _relay(self, request: web.Request, route: CompiledRoute, upstream: aiohttp.ClientResponse) -> web.StreamResponse:
+        """Send the upstream's response to the client, streaming the body."""
+        try:
+            headers = downstream_response_headers(upstream.headers)
+            location = headers.get(hdrs.LOCATION)
+            if location is not None:
+                headers[hdrs.LOCATION] = rewrite_location(
+                    location,
+                    upstream=route.route.upstream,
+                    prefix=route.route.prefix,
+                    proxy_origin=f"http://{request.host}",
+                )
+            out = web.StreamResponse(status=upstream.status, reason=upstream.reason, headers=headers)
+            await out.prepare(request)
+            try:
+                async for chunk in upstream.content.iter_any():
+                    await out.write(chunk)
+            except (aiohttp.ClientPayloadError, aiohttp.ServerDisconnectedError, aiohttp.ClientOSError) as e:
+                # Headers are sent: the only honest signal left is to cut the connection,
+                # so the client never mistakes a truncated body for a complete one.
+                log.warning("%s: upstream broke off the response body (%s); aborting the client connection", route.name, _client_error(e))
+                if request.transport is not None:
+                    request.transport.abort()
+                return out
+            await out.write_eof()
+            return out
+        finally:
+            upstream.release()
+
+
+def request_host(request: web.Request) -> str | None:
+    """The Host header's name, lower-cased, without port."""
+    host = request.headers.get(hdrs.HOST)
+    if not host:
+        return None
+    host = host.lower()
+    if host.startswith("["):
+        return host.partition("]")[0] + "]"
+    return host.rpartition(":")[0] if ":" in host else host
+
+
+def _client_error(e: BaseException) -> str:
+    # aiohttp's ClientResponseError carries request_info with our headers: never format it.
+    if isinstance(e, aiohttp.ClientResponseError):
+        return f"{type(e).__name__} {e.status}"
+    text = str(e).splitlines()[0] if str(e) else ""
+    return redact(f"{type(e).__name__}: {text[:160]}" if text else type(e).__name__)
+
+
+__all__ = ["Forwarder", "BadRequest", "ROUTE_KEY", "error_response", "request_host"]

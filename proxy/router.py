@@ -1,0 +1,132 @@
+"""Route matching on the raw request target, and the upstream URL it maps to.
+
+Matching uses the raw path (aiohttp's ``request.path`` is percent-decoded and
+``request.url`` resolves dot segments), so what is matched is exactly what is
+forwarded. The upstream URL is built from the configured scheme, host and port
+only; nothing in the request can change the host.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from urllib.parse import unquote
+
+from yarl import URL
+
+from .config import RESERVED_PREFIX, Route
+from .errors import BadRequest, NoRoute
+from .tokens import TokenKey
+
+
+@dataclass(frozen=True)
+class Target:
+    """A request target split once: raw path and raw query (without '?')."""
+
+    path: str
+    query: str
+
+
+@dataclass(frozen=True)
+class CompiledRoute:
+    """A route with everything the hot path needs computed once at startup."""
+
+    route: Route
+    token_key: TokenKey
+    scheme: str
+    host: str
+    port: int
+    base_path: str
+    #: Host header value for the upstream (port omitted when default).
+    host_header: str
+    #: ``scheme://host[:port]`` of the upstream, for Origin rewriting and checks.
+    origin: str
+
+    @property
+    def name(self) -> str:
+        return self.route.name
+
+    def upstream_url(self, rest: str, query: str) -> URL:
+        """The upstream URL for the raw path remainder ``rest`` and raw ``query``."""
+        path = self.base_path + rest or "/"
+        url = URL.build(
+            scheme=self.scheme,
+            host=self.host,
+            port=self.port,
+            path=path,
+            query_string=query,
+            encoded=True,
+        )
+        # Belt and braces: the host is ours whatever the path looks like.
+        if url.raw_host != self.host or url.port != self.port:
+            raise BadRequest("request target would change the upstream host")
+        return url
+
+
+def compile_route(route: Route, token_key: TokenKey) -> CompiledRoute:
+    scheme, host, port, base = route.upstream_parts
+    default = 443 if scheme == "https" else 80
+    host_lit = f"[{host}]" if ":" in host else host
+    host_header = host_lit if port == default else f"{host_lit}:{port}"
+    return CompiledRoute(
+        route=route,
+        token_key=token_key,
+        scheme=scheme,
+        host=host,
+        port=port,
+        base_path=base,
+        host_header=host_header,
+        origin=f"{scheme}://{host_header}",
+    )
+
+
+def split_target(raw: str) -> Target:
+    """Validate an origin-form request target and split off the query.
+
+    Absolute-form (``http://evil/``), authority-form and ``*`` are refused, as are
+    ``.``/``..`` segments (raw or percent-encoded), so that matching and the
+    upstream can never disagree about which path is meant.
+    """
+    if not raw.startswith("/"):
+        if raw == "*":
+            raise BadRequest("asterisk-form request target (OPTIONS *) is not proxied")
+        raise BadRequest("request target must be a path (absolute-form targets are not proxied)")
+    path, sep, query = raw.partition("?")
+    path = path.partition("#")[0]
+    for segment in path.split("/"):
+        if "." in segment or "%" in segment:
+            decoded = unquote(segment)
+            if decoded in (".", "..") or "/" in decoded and any(p in (".", "..") for p in decoded.split("/")):
+                raise BadRequest("path contains a . or .. segment")
+    return Target(path=path, query=query)
+
+
+class Router:
+    """Longest-prefix match, whole segments, host routes before host-less ones."""
+
+    def __init__(self, routes: list[CompiledRoute]) -> None:
+        self.routes = routes
+        by_host: dict[str | None, list[CompiledRoute]] = {}
+        for r in routes:
+            by_host.setdefault(r.route.host, []).append(r)
+        # Longest prefix first, so the first match wins.
+        self._by_host = {h: sorted(rs, key=lambda r: len(r.route.prefix), reverse=True) for h, rs in by_host.items()}
+        self.hosts = frozenset(h for h in self._by_host if h)
+
+    def match(self, host: str | None, target: Target) -> tuple[CompiledRoute, str]:
+        """The route for a request and the raw path remainder to forward."""
+        path = target.path
+        if path == RESERVED_PREFIX or path.startswith(RESERVED_PREFIX + "/"):
+            raise NoRoute(f"{RESERVED_PREFIX}/ is reserved for the proxy's own pages")
+        candidates = self._by_host.get(host) if host else None
+        if candidates is None:
+            candidates = self._by_host.get(None, [])
+        for r in candidates:
+            prefix = r.route.prefix
+            if prefix == "/":
+                return r, path
+            if path == prefix:
+                return r, ""
+            if path.startswith(prefix) and path[len(prefix)] == "/":
+                return r, path[len(prefix):]
+        prefixes = ", ".join(r.route.prefix for r in candidates) or "none"
+        raise NoRoute(f"no route for {path}; configured prefixes: {prefixes}")
