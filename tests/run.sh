@@ -1,0 +1,52 @@
+#!/usr/bin/env bash
+# Install what the tests need, then run them.
+#
+#   bash tests/run.sh            everything: unit, integration, browser, soak and fuzz (what CI runs)
+#   bash tests/run.sh --quick    the everyday suite: no browser, soak or fuzz tests
+#   bash tests/run.sh -- ARGS    extra arguments for pytest (e.g. -- -k websocket)
+#
+# Debian packages (chromium for the browser tests, nginx-light and wrk for the
+# benchmark smoke run) are installed with apt-get where missing; Python packages
+# go into .venv from the project's `test` extra.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+quick=0
+extra=()
+while [ $# -gt 0 ]; do
+  case "$1" in
+    --quick) quick=1 ;;
+    --) shift; extra=("$@"); break ;;
+    *) extra+=("$1") ;;
+  esac
+  shift
+done
+
+missing=()
+if [ "$quick" = 0 ]; then
+  command -v chromium >/dev/null 2>&1 || missing+=(chromium)
+  { command -v nginx >/dev/null 2>&1 || [ -x /usr/sbin/nginx ]; } || missing+=(nginx-light)
+  command -v wrk >/dev/null 2>&1 || missing+=(wrk)
+fi
+if [ ${#missing[@]} -gt 0 ]; then
+  if command -v apt-get >/dev/null 2>&1; then
+    sudo=""
+    [ "$(id -u)" = 0 ] || sudo="sudo"
+    echo "tests/run.sh: installing Debian packages: ${missing[*]}" >&2
+    $sudo apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+  else
+    echo "tests/run.sh: not Debian; the tests that need ${missing[*]} will be skipped (they fail when CI=true)" >&2
+  fi
+fi
+
+python=${PYTHON:-python3}
+if [ ! -x .venv/bin/python ]; then
+  "$python" -m venv .venv
+fi
+.venv/bin/python -m pip install -q --disable-pip-version-check -e '.[test]'
+
+if [ "$quick" = 1 ]; then
+  exec .venv/bin/python -m pytest -m "not soak and not browser" "${extra[@]}"
+fi
+exec .venv/bin/python -m pytest "${extra[@]}"

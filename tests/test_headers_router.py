@@ -1,0 +1,214 @@
+"""Pure functions: header rules, Location rewriting, target splitting, route matching."""
+
+from __future__ import annotations
+
+import pytest
+from multidict import CIMultiDict
+
+from proxy.config import Route
+from proxy.errors import BadRequest, NoRoute
+from proxy.headers import downstream_response_headers, rewrite_location, upstream_request_headers
+from proxy.router import Router, compile_route, split_target
+from proxy.tokens import TokenKey
+
+
+def up(headers, mode="authorization"):
+    return upstream_request_headers(
+        CIMultiDict(headers),
+        host="svc.run.app",
+        token_header=mode,
+        token="TOKEN",
+        client_ip="127.0.0.1",
+        forwarded_host="localhost:8080",
+    )
+
+
+@pytest.mark.parametrize(
+    "name",
+    [
+        "Connection",
+        "Keep-Alive",
+        "Proxy-Connection",
+        "TE",
+        "Trailer",
+        "Transfer-Encoding",
+        "Upgrade",
+        "Proxy-Authorization",
+        "Forwarded",
+        "X-Forwarded-For",
+        "X-Forwarded-Proto",
+        "X-Forwarded-Host",
+        "X-Forwarded-Port",
+        "X_Forwarded_For",
+        "X-Serverless-Authorization",
+        "X_Serverless_Authorization",
+        "Authorization",
+        "Host",
+        "Expect",
+    ],
+)
+def test_client_header_is_not_forwarded_as_sent(name):
+    out = up([(name, "client-value"), ("Accept", "text/html")])
+    assert "client-value" not in out.values(), out
+    assert out["Accept"] == "text/html"
+
+
+def test_injected_headers_are_single_and_last_word():
+    out = up([("Authorization", "Bearer evil"), ("Host", "evil.example"), ("X-Forwarded-For", "1.2.3.4")])
+    assert out.getall("Authorization") == ["Bearer TOKEN"]
+    assert out.getall("Host") == ["svc.run.app"]
+    assert out.getall("X-Forwarded-For") == ["127.0.0.1"]
+    assert out["X-Forwarded-Proto"] == "http"
+    assert out["X-Forwarded-Host"] == "localhost:8080"
+
+
+def test_headers_named_in_connection_are_dropped():
+    out = up([("Connection", "close, X-Secret"), ("X-Secret", "s"), ("X-Keep", "k")])
+    assert "X-Secret" not in out and "Connection" not in out
+    assert out["X-Keep"] == "k"
+
+
+def test_connection_naming_authorization_still_gets_the_token():
+    out = up([("Connection", "Authorization, X-Serverless-Authorization"), ("Authorization", "Bearer evil")])
+    assert out.getall("Authorization") == ["Bearer TOKEN"]
+
+
+def test_serverless_mode_keeps_the_clients_authorization():
+    out = up([("Authorization", "Basic app-credential"), ("X-Serverless-Authorization", "Bearer evil")], mode="x-serverless-authorization")
+    assert out.getall("Authorization") == ["Basic app-credential"]
+    assert out.getall("x-serverless-authorization") == ["Bearer TOKEN"]
+
+
+def test_serverless_mode_drops_authorization_named_in_connection():
+    out = up([("Connection", "authorization"), ("Authorization", "Basic x")], mode="x-serverless-authorization")
+    assert "Authorization" not in out
+
+
+def test_response_hop_by_hop_is_stripped():
+    out = downstream_response_headers(
+        CIMultiDict(
+            [
+                ("Connection", "X-Internal"),
+                ("X-Internal", "1"),
+                ("Transfer-Encoding", "chunked"),
+                ("Keep-Alive", "timeout=5"),
+                ("Set-Cookie", "a=1"),
+                ("Set-Cookie", "b=2"),
+                ("Content-Length", "10"),
+            ]
+        )
+    )
+    assert list(out.items()) == [("Set-Cookie", "a=1"), ("Set-Cookie", "b=2"), ("Content-Length", "10")]
+
+
+@pytest.mark.parametrize(
+    "location, upstream, prefix, expected",
+    [
+        ("https://svc.run.app/login?x=1", "https://svc.run.app", "/hello", "http://localhost:8080/hello/login?x=1"),
+        ("https://svc.run.app:443/a#f", "https://svc.run.app", "/", "http://localhost:8080/a#f"),
+        ("https://SVC.run.app/a", "https://svc.run.app", "/", "http://localhost:8080/a"),
+        ("https://svc.run.app/fn/next", "https://r-p.net/fn", "/", "https://svc.run.app/fn/next"),
+        ("https://r-p.net/fn/next", "https://r-p.net/fn", "/f", "http://localhost:8080/f/next"),
+        ("https://r-p.net/fn", "https://r-p.net/fn", "/f", "http://localhost:8080/f"),
+        ("https://r-p.net/other", "https://r-p.net/fn", "/f", "https://r-p.net/other"),
+        ("http://svc.run.app/a", "https://svc.run.app", "/", "http://svc.run.app/a"),
+        ("https://svc.run.app:8443/a", "https://svc.run.app", "/", "https://svc.run.app:8443/a"),
+        ("https://accounts.google.com/o/oauth2", "https://svc.run.app", "/", "https://accounts.google.com/o/oauth2"),
+        ("/login", "https://svc.run.app", "/hello", "/hello/login"),
+        ("/fn/x", "https://r-p.net/fn", "/f", "/f/x"),
+        ("next", "https://svc.run.app", "/hello", "next"),
+        ("//evil.example/x", "https://svc.run.app", "/", "//evil.example/x"),
+    ],
+)
+def test_rewrite_location(location, upstream, prefix, expected):
+    assert rewrite_location(location, upstream=upstream, prefix=prefix, proxy_origin="http://localhost:8080") == expected
+
+
+@pytest.mark.parametrize(
+    "raw, path, query",
+    [
+        ("/a/b?x=1&y=%20", "/a/b", "x=1&y=%20"),
+        ("/a?", "/a", ""),
+        ("//evil.example/x", "//evil.example/x", ""),
+        ("/http://evil/x", "/http://evil/x", ""),
+        ("/a%2Fb", "/a%2Fb", ""),
+        ("/.well-known/x", "/.well-known/x", ""),
+        ("/a/..b/c.", "/a/..b/c.", ""),
+    ],
+)
+def test_split_target_accepts(raw, path, query):
+    t = split_target(raw)
+    assert (t.path, t.query) == (path, query)
+
+
+@pytest.mark.parametrize(
+    "raw",
+    ["http://evil/x", "*", "evil.example:443", "/a/../b", "/a/./b", "/a/%2e%2e/b", "/a/%2E/b", "/..", "/a/.%2e", "/a/%2e%2e%2fb"],
+)
+def test_split_target_refuses(raw):
+    with pytest.raises(BadRequest):
+        split_target(raw)
+
+
+def _router(*specs):
+    routes = []
+    for i, (prefix, upstream, host) in enumerate(specs):
+        r = Route(name=f"r{i}", prefix=prefix, upstream=upstream, audience=upstream, host=host)
+        routes.append(compile_route(r, TokenKey("id", upstream)))
+    return Router(routes)
+
+
+@pytest.mark.parametrize(
+    "path, route, rest",
+    [
+        ("/hello", "r0", ""),
+        ("/hello/", "r0", "/"),
+        ("/hello/x/y", "r0", "/x/y"),
+        ("/helloworld", "r2", "/helloworld"),
+        ("/hello/api/v1", "r1", "/v1"),
+        ("/hello/apiv1", "r0", "/apiv1"),
+        ("/", "r2", "/"),
+    ],
+)
+def test_longest_whole_segment_prefix_wins(path, route, rest):
+    router = _router(("/hello", "https://a.run.app", None), ("/hello/api", "https://b.run.app", None), ("/", "https://c.run.app", None))
+    r, got_rest = router.match("localhost", split_target(path))
+    assert (r.name, got_rest) == (route, rest)
+
+
+def test_no_match_names_the_prefixes():
+    router = _router(("/a", "https://a.run.app", None), ("/b", "https://b.run.app", None))
+    with pytest.raises(NoRoute, match="configured prefixes: /a, /b"):
+        router.match("localhost", split_target("/c"))
+
+
+def test_reserved_prefix_is_never_routed():
+    router = _router(("/", "https://a.run.app", None))
+    with pytest.raises(NoRoute):
+        router.match("localhost", split_target("/.proxy/x"))
+
+
+def test_host_routes_before_hostless():
+    router = _router(("/", "https://a.run.app", "app.localhost"), ("/", "https://b.run.app", None))
+    assert router.match("app.localhost", split_target("/x"))[0].name == "r0"
+    assert router.match("localhost", split_target("/x"))[0].name == "r1"
+
+
+@pytest.mark.parametrize(
+    "upstream, rest, query, expected",
+    [
+        ("https://a.run.app", "/x", "q=1", "https://a.run.app/x?q=1"),
+        ("https://a.run.app", "", "", "https://a.run.app/"),
+        ("https://r-p.net/fn", "", "", "https://r-p.net/fn"),
+        ("https://r-p.net/fn", "/", "", "https://r-p.net/fn/"),
+        ("https://a.run.app", "//evil.example/x", "", "https://a.run.app//evil.example/x"),
+        ("https://a.run.app", "/http://evil/x", "a=%2F", "https://a.run.app/http://evil/x?a=%2F"),
+        ("https://a.run.app", "/a%2Fb%20c", "x=%zz&y", "https://a.run.app/a%2Fb%20c?x=%zz&y"),
+        ("http://127.0.0.1:9000/base", "/x", "", "http://127.0.0.1:9000/base/x"),
+    ],
+)
+def test_upstream_url_keeps_the_configured_host_and_raw_bytes(upstream, rest, query, expected):
+    router = _router(("/", upstream, None))
+    url = router.routes[0].upstream_url(rest, query)
+    assert str(url) == expected
+    assert url.host == router.routes[0].host
