@@ -6,6 +6,7 @@ import asyncio
 import logging
 import os
 import signal
+from typing import Any
 
 from aiohttp import web
 
@@ -19,11 +20,10 @@ class StartupError(Exception):
     """The proxy could not start (port in use, ...): exit 3 with this message."""
 
 
-def make_runner(app: web.Application, config: Config) -> web.AppRunner:
+def runner_kwargs(config: Config) -> dict[str, Any]:
+    """Server settings for the main listener (also used by the tests' servers)."""
     AccessLogger.include_query = config.log.include_query
-    return web.AppRunner(
-        app,
-        handle_signals=False,
+    return dict(
         # A client that goes away cancels its handler, and so the upstream request.
         handler_cancellation=True,
         # aiohttp's keep-alive timer also bounds the wait for a request head.
@@ -34,6 +34,10 @@ def make_runner(app: web.Application, config: Config) -> web.AppRunner:
         access_log=ACCESS,
         shutdown_timeout=config.shutdown_timeout,
     )
+
+
+def make_runner(app: web.Application, config: Config) -> web.AppRunner:
+    return web.AppRunner(app, handle_signals=False, **runner_kwargs(config))
 
 
 async def serve(app: web.Application, config: Config) -> None:
