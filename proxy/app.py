@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 
 import aiohttp
@@ -16,6 +16,8 @@ from .router import CompiledRoute, Router, compile_route
 from .tokens import TokenCache
 
 log = logging.getLogger(__name__)
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 
 @dataclass
@@ -56,7 +58,15 @@ def make_app(
     ]
     state = ProxyState(config=config, identities=identities, tokens=tokens, router=Router(compiled))
 
-    app = web.Application()
+    @web.middleware
+    async def unroutable(request: web.Request, handler: Handler) -> web.StreamResponse:
+        # aiohttp's router matches origin-form paths only: for "*" (OPTIONS *),
+        # absolute-form and authority-form (CONNECT) targets, the proxy gives its own answer.
+        if request.match_info.http_exception is not None:
+            return await proxy(request)
+        return await handler(request)
+
+    app = web.Application(middlewares=[unroutable])
     app[STATE] = state
     app.cleanup_ctx.append(_client_session)
     app.cleanup_ctx.append(_token_lifecycle)

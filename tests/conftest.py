@@ -1,0 +1,95 @@
+"""Shared fixtures: the fakes (tests/fakes), and a proxy served on a real loopback port."""
+
+from __future__ import annotations
+
+# First, before anything imports google-auth: reserves the fake metadata server's
+# port and points GCE_METADATA_HOST at it (google-auth reads it at import time).
+import tests.fakes  # noqa: F401  isort: skip
+
+import logging
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+from aiohttp import web
+from aiohttp.test_utils import TestServer
+
+from proxy.app import STATE, ProxyState, make_app
+from proxy.config import Config, parse_config
+from proxy.server import runner_kwargs
+
+pytest_plugins = ["tests.fakes.fixtures"]
+
+
+@dataclass
+class RunningProxy:
+    server: TestServer
+    config: Config
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.server.port}"
+
+    @property
+    def port(self) -> int:
+        assert self.server.port is not None
+        return self.server.port
+
+    @property
+    def app(self) -> web.Application:
+        return self.server.app
+
+    @property
+    def state(self) -> ProxyState:
+        return self.server.app[STATE]
+
+
+StartProxy = Callable[..., Awaitable[RunningProxy]]
+
+
+@pytest.fixture
+async def start_proxy() -> AsyncIterator[StartProxy]:
+    """Serve the proxy for a config (YAML text, dict or Config) on 127.0.0.1:<free port>.
+
+    The app is built by the real ``make_app`` and served with the production
+    server settings (``runner_kwargs``); ``ready=True`` waits until every route
+    has a token. Keyword arguments go to ``make_app`` (identities, tokens).
+    """
+    servers: list[TestServer] = []
+
+    async def start(config: str | dict[str, Any] | Config, *, ready: bool = True, **kwargs: Any) -> RunningProxy:
+        if isinstance(config, str):
+            config = yaml.safe_load(config)
+        if not isinstance(config, Config):
+            config = parse_config(config)
+        app = make_app(config, **kwargs)
+        server = TestServer(app, host="127.0.0.1", port=0, **runner_kwargs(config))
+        await server.start_server()
+        servers.append(server)
+        running = RunningProxy(server, config)
+        if ready:
+            assert await running.state.tokens.wait_ready(15), [
+                running.state.tokens.status(k) for k in running.state.tokens.keys()
+            ]
+        return running
+
+    yield start
+    for server in reversed(servers):
+        await server.close()
+
+
+@pytest.fixture
+def sa_key(google: Any, tmp_path: Path) -> tuple[Path, str]:
+    """A service-account key file registered with the fake token endpoint: (path, email)."""
+    email = "proxy-sa@test-project.iam.gserviceaccount.com"
+    path = google.write_key_file(tmp_path / "key.json", email)
+    return Path(path), email
+
+
+@pytest.fixture(autouse=True)
+def _debug_logs(caplog: pytest.LogCaptureFixture) -> None:
+    """Every test runs the proxy at DEBUG, so secrets tests see everything it logs."""
+    caplog.set_level(logging.DEBUG)
