@@ -171,7 +171,7 @@ class _Section:
         return self.get(key, str, default, check)
 
     def choice(self, key: str, choices: tuple[str, ...], default: str) -> str:
-        value = self.get(key, str, default)
+        value: str = self.get(key, str, default)
         lowered = value.lower()
         if lowered not in choices:
             self.error(key, f"must be one of {', '.join(choices)}, got {value!r}{_suggest(lowered, choices)}")
