@@ -89,6 +89,13 @@ def serve_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--log-level", choices=LOG_LEVELS, help="debug, info (default), warning or error")
     p.add_argument("--log-format", choices=LOG_FORMATS, help="text (default) or json")
+    p.add_argument(
+        "--admin-port",
+        type=int,
+        metavar="PORT",
+        help="serve health, readiness and metrics (never the proxy) on this port too (default: off)",
+    )
+    p.add_argument("--admin-host", metavar="HOST", help="address of the admin listener (default: 127.0.0.1; 0.0.0.0 for kubelet probes)")
     p.add_argument("--version", action="version", version=f"idtoken-proxy {__version__}")
     return p
 
@@ -129,6 +136,12 @@ def build_config(args: argparse.Namespace, env: Mapping[str, str]) -> Config:
             logc["level"] = args.log_level
         if args.log_format:
             logc["format"] = args.log_format
+    admin = raw.setdefault("admin", {}) if isinstance(raw.get("admin", {}), dict) else raw["admin"]
+    if isinstance(admin, dict):
+        if args.admin_port is not None:
+            admin["port"] = args.admin_port
+        if args.admin_host is not None:
+            admin["host"] = args.admin_host
     try:
         return parse_config(raw, env)
     except ConfigError as e:

@@ -3,15 +3,20 @@
 from __future__ import annotations
 
 import logging
+import weakref
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 
 import aiohttp
 from aiohttp import web
 
+from . import health, metrics
 from .config import Config, Credentials
 from .forward import Forwarder
+from .health import Readiness
 from .identity import Identity, build_identity
+from .logs import OBSERVER
+from .metrics import ProxyMetrics
 from .router import CompiledRoute, Router, compile_route
 from .tokens import TokenCache
 
@@ -28,6 +33,11 @@ class ProxyState:
     router: Router
     forwarder: Forwarder | None = None
     extras: dict[str, object] = field(default_factory=dict)
+    #: Set by make_app: what /.proxy/readyz answers, and the metrics registry.
+    readiness: Readiness | None = None
+    metrics: ProxyMetrics | None = None
+    #: Open client websockets; shutdown closes them with 1001 (going away).
+    websockets: weakref.WeakSet[web.WebSocketResponse] = field(default_factory=weakref.WeakSet)
 
 
 STATE = web.AppKey("state", ProxyState)
@@ -57,6 +67,9 @@ def make_app(
         compile_route(r, tokens.register(identities[r.credentials], r.audience)) for r in config.routes
     ]
     state = ProxyState(config=config, identities=identities, tokens=tokens, router=Router(compiled))
+    route_keys = [(r.name, r.token_key) for r in compiled]
+    state.readiness = Readiness(tokens, route_keys)
+    state.metrics = ProxyMetrics(tokens, route_keys, inflight=lambda: state.forwarder.inflight if state.forwarder else 0)
 
     @web.middleware
     async def unroutable(request: web.Request, handler: Handler) -> web.StreamResponse:
@@ -68,6 +81,7 @@ def make_app(
 
     app = web.Application(middlewares=[unroutable])
     app[STATE] = state
+    app[OBSERVER] = state.metrics
     app.cleanup_ctx.append(_client_session)
     app.cleanup_ctx.append(_token_lifecycle)
 
@@ -75,8 +89,20 @@ def make_app(
         assert state.forwarder is not None
         return await state.forwarder(request)
 
+    # The proxy's own endpoints go before the catch-all route.
+    health.add_routes(app, state.readiness)
+    metrics.add_routes(app, state.metrics)
     app.router.add_route("*", "/{tail:.*}", proxy)
     return app
+
+
+def make_admin_app(state: ProxyState) -> web.Application:
+    """The admin listener's app: health, readiness and metrics only; it never proxies."""
+    assert state.readiness is not None and state.metrics is not None
+    admin = web.Application()
+    health.add_routes(admin, state.readiness)
+    metrics.add_routes(admin, state.metrics)
+    return admin
 
 
 async def _client_session(app: web.Application) -> AsyncIterator[None]:

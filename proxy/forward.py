@@ -18,6 +18,7 @@ from aiohttp import hdrs, web
 
 from .errors import BadRequest, ProxyError, TokenUnavailable, UpstreamError, UpstreamTimeout, redact
 from .headers import downstream_response_headers, rewrite_location, upstream_request_headers
+from .logs import UPSTREAM_SECONDS
 from .router import CompiledRoute, Router, split_target
 from .tokens import TokenCache
 
@@ -56,8 +57,11 @@ class Forwarder:
         self.router = router
         self.tokens = tokens
         self.session = session
+        #: Requests being handled now (the in-flight gauge; shutdown reports it).
+        self.inflight = 0
 
     async def __call__(self, request: web.Request) -> web.StreamResponse:
+        self.inflight += 1
         try:
             return await self.forward(request)
         except ProxyError as e:
@@ -67,6 +71,8 @@ class Forwarder:
                 resp.force_close()
                 return resp
             return error_response(e)
+        finally:
+            self.inflight -= 1
 
     async def forward(self, request: web.Request) -> web.StreamResponse:
         if request.method == hdrs.METH_CONNECT:
@@ -95,6 +101,8 @@ class Forwarder:
             client_ip=request.remote,
             forwarded_host=request.headers.get(hdrs.HOST),
         )
+        loop = asyncio.get_running_loop()
+        started = loop.time()
         try:
             async with asyncio.timeout(r.timeout):
                 upstream = await self.session.request(
@@ -117,6 +125,8 @@ class Forwarder:
             raise UpstreamError(f"{route.name}: cannot connect to {route.origin} ({e.os_error.strerror or type(e.os_error).__name__})") from None
         except aiohttp.ClientError as e:
             raise UpstreamError(f"{route.name}: upstream {route.origin} failed ({_client_error(e)})") from None
+        # Time to response headers, for the access log and the latency histogram.
+        request[UPSTREAM_SECONDS] = loop.time() - started
         return await self._relay(request, route, upstream)
 
     async def _relay(self, request: web.Request, route: CompiledRoute, upstream: aiohttp.ClientResponse) -> web.StreamResponse:

@@ -1,4 +1,16 @@
-"""Running the application: listeners, signals and the shutdown phases."""
+"""Running the application: listeners, signals and the shutdown phases.
+
+Two listeners: the main one proxies (loopback unless explicitly opted out); the
+optional admin one (``admin.port``) serves only health, readiness and metrics,
+carries no identity and so may bind the pod address for kubelet probes and
+Prometheus scrapes.
+
+Shutdown on SIGTERM or SIGINT, in phases: readiness turns 503; the main
+listener stops accepting and idle keep-alive connections close; websockets get a
+1001 (going away) close frame; in-flight requests get up to ``shutdown_timeout``
+seconds to finish, the rest are cancelled; then the admin listener closes and
+the process exits 0. A second signal exits at once.
+"""
 
 from __future__ import annotations
 
@@ -8,21 +20,28 @@ import os
 import signal
 from typing import Any
 
-from aiohttp import web
+from aiohttp import WSCloseCode, web
 
+from .app import STATE, make_admin_app
 from .config import Config, is_loopback_host
-from .logs import ACCESS, AccessLogger
+from .logs import ACCESS, OBSERVER, RequestObserver, access_logger_class
 
 log = logging.getLogger(__name__)
+
+#: Exit status when a second signal cuts the graceful shutdown short.
+EXIT_FORCED = 1
 
 
 class StartupError(Exception):
     """The proxy could not start (port in use, ...): exit 3 with this message."""
 
 
-def runner_kwargs(config: Config) -> dict[str, Any]:
-    """Server settings for the main listener (also used by the tests' servers)."""
-    AccessLogger.include_query = config.log.include_query
+def runner_kwargs(config: Config, observer: RequestObserver | None = None) -> dict[str, Any]:
+    """Server settings for the main listener (also used by the tests' servers).
+
+    ``observer`` receives one call per request from the access logger: pass the
+    app's ``OBSERVER`` (the metrics) to have requests counted.
+    """
     return dict(
         # A client that goes away cancels its handler, and so the upstream request.
         handler_cancellation=True,
@@ -30,49 +49,148 @@ def runner_kwargs(config: Config) -> dict[str, Any]:
         keepalive_timeout=config.limits.keepalive_timeout,
         # Bodies pass through as they are.
         auto_decompress=False,
-        access_log_class=AccessLogger,
+        access_log_class=access_logger_class(config.log.include_query, observer),
         access_log=ACCESS,
         shutdown_timeout=config.shutdown_timeout,
     )
 
 
 def make_runner(app: web.Application, config: Config) -> web.AppRunner:
-    return web.AppRunner(app, handle_signals=False, **runner_kwargs(config))
+    if STATE in app and not app.frozen and close_websockets not in app.on_shutdown:
+        app.on_shutdown.append(close_websockets)
+    return web.AppRunner(app, handle_signals=False, **runner_kwargs(config, app.get(OBSERVER)))
+
+
+async def close_websockets(app: web.Application) -> None:
+    """Send every open client websocket a 1001 (going away) close frame."""
+    state = app[STATE]
+    sockets = [ws for ws in list(state.websockets) if not ws.closed]
+    if not sockets:
+        return
+    log.info("closing %d websocket%s (1001 going away)", len(sockets), "s" * (len(sockets) != 1))
+    closes = [ws.close(code=WSCloseCode.GOING_AWAY, message=b"proxy shutting down") for ws in sockets]
+    # A peer that never answers the close frame must not hold up the shutdown.
+    try:
+        async with asyncio.timeout(max(0.1, state.config.shutdown_timeout)):
+            await asyncio.gather(*closes, return_exceptions=True)
+    except TimeoutError:
+        log.warning("websocket peers did not acknowledge the close in time")
+
+
+class ProxyServer:
+    """The main listener and the optional admin listener of one application."""
+
+    def __init__(self, app: web.Application, config: Config, admin_app: web.Application | None = None) -> None:
+        self.app = app
+        self.config = config
+        self.state = app[STATE]
+        if admin_app is None and config.admin.port is not None:
+            admin_app = make_admin_app(self.state)
+        self.admin_app = admin_app
+        self.runner = make_runner(app, config)
+        self.admin_runner: web.AppRunner | None = None
+        self._started = False
+        self._stopped = False
+
+    @property
+    def addresses(self) -> list[Any]:
+        """(host, port, ...) of the main listener's sockets."""
+        return list(self.runner.addresses)
+
+    @property
+    def admin_addresses(self) -> list[Any]:
+        return list(self.admin_runner.addresses) if self.admin_runner is not None else []
+
+    async def start(self) -> None:
+        """Start the token lifecycle and both listeners; raise StartupError if one cannot bind."""
+        config = self.config
+        # The app's startup resolves identities and starts fetching tokens (without waiting).
+        await self.runner.setup()
+        self._started = True
+        site = web.TCPSite(self.runner, config.listen.host, config.listen.port, reuse_address=True)
+        try:
+            await site.start()
+        except OSError as e:
+            await self.runner.cleanup()
+            self._stopped = True
+            raise StartupError(f"cannot listen on {config.listen.host}:{config.listen.port}: {e.strerror or e}") from None
+        if not is_loopback_host(config.listen.host):
+            log.warning(
+                "listening on %s, which is not loopback: anyone who can reach it acts with this proxy's Google identity",
+                config.listen.host,
+            )
+        for addr in self.runner.addresses:
+            log.info("listening on http://%s:%s", *addr[:2])
+        # The admin listener starts after the main one, so readiness can never be 200
+        # while the proxy itself does not listen yet.
+        if self.admin_app is not None:
+            host, port = config.admin.host, config.admin.port
+            self.admin_runner = web.AppRunner(self.admin_app, handle_signals=False, access_log=None, shutdown_timeout=1.0)
+            await self.admin_runner.setup()
+            try:
+                await web.TCPSite(self.admin_runner, host, port, reuse_address=True).start()
+            except OSError as e:
+                await self.admin_runner.cleanup()
+                self.admin_runner = None
+                await self.runner.cleanup()
+                self._stopped = True
+                raise StartupError(f"cannot listen on {host}:{port} (admin): {e.strerror or e}") from None
+            for addr in self.admin_runner.addresses:
+                log.info("admin listening on http://%s:%s (health, readiness, metrics)", *addr[:2])
+
+    def begin_shutdown(self) -> None:
+        """Phase 1: readiness turns 503 on both listeners, before anything closes."""
+        assert self.state.readiness is not None
+        self.state.readiness.begin_shutdown()
+
+    async def stop(self) -> None:
+        """Shut down in phases (see the module docstring); safe to call twice."""
+        if self._stopped:
+            return
+        self._stopped = True
+        self.begin_shutdown()
+        forwarder = self.state.forwarder
+        inflight = forwarder.inflight if forwarder is not None else 0
+        if inflight:
+            log.info("waiting up to %g s for %d in-flight request%s", self.config.shutdown_timeout, inflight, "s" * (inflight != 1))
+        if self._started:
+            # aiohttp's runner cleanup does phases 2-4 in order: stop accepting (the listening
+            # socket closes) and close idle keep-alive connections; run on_shutdown (websockets
+            # get 1001); wait for in-flight handlers up to shutdown_timeout, then cancel them;
+            # finally the app's cleanup (upstream session, token refresh timers).
+            await self.runner.cleanup()
+        # Phase 5: the admin listener goes last, so probes see 503 (not a refused
+        # connection) for as long as requests are draining.
+        if self.admin_runner is not None:
+            await self.admin_runner.cleanup()
+        log.info("stopped")
 
 
 async def serve(app: web.Application, config: Config) -> None:
     """Serve until SIGINT or SIGTERM, then shut down gracefully. A second signal exits at once."""
-    runner = make_runner(app, config)
-    await runner.setup()
-    site = web.TCPSite(runner, config.listen.host, config.listen.port, reuse_address=True)
-    try:
-        await site.start()
-    except OSError as e:
-        await runner.cleanup()
-        raise StartupError(f"cannot listen on {config.listen.host}:{config.listen.port}: {e.strerror or e}") from None
-    if not is_loopback_host(config.listen.host):
-        log.warning(
-            "listening on %s, which is not loopback: anyone who can reach it acts with this proxy's Google identity",
-            config.listen.host,
-        )
-    for addr in runner.addresses:
-        log.info("listening on http://%s:%s", *addr[:2])
-
+    server = ProxyServer(app, config)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
 
     def on_signal(signum: int) -> None:
+        name = signal.Signals(signum).name
         if stop.is_set():
-            log.warning("second %s: exiting now", signal.Signals(signum).name)
-            os._exit(1)
-        log.info("%s: shutting down (in-flight requests get %g s)", signal.Signals(signum).name, config.shutdown_timeout)
+            log.warning("second %s: exiting now", name)
+            for handler in logging.getLogger().handlers:
+                handler.flush()
+            os._exit(EXIT_FORCED)
+        log.info("%s: shutting down (in-flight requests get %g s)", name, config.shutdown_timeout)
+        # Readiness fails at once, even while startup is still under way.
+        server.begin_shutdown()
         stop.set()
 
+    # Installed before startup, so a signal during startup still shuts down cleanly.
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, on_signal, sig)
     try:
+        await server.start()
         await stop.wait()
     finally:
-        # Phases: stop accepting, drain in-flight requests up to the deadline, cancel the rest.
-        await runner.cleanup()
-        log.info("stopped")
+        await server.stop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.remove_signal_handler(sig)
