@@ -45,7 +45,7 @@ def _env_default(parser: argparse.ArgumentParser, env: Mapping[str, str]) -> Non
             value: Any = env[name]
             if isinstance(action, argparse._StoreTrueAction):
                 value = value.strip().lower() in ("1", "true", "yes", "on")
-            elif action.type is not None:
+            elif callable(action.type):
                 try:
                     value = action.type(value)
                 except ValueError:
