@@ -1,0 +1,923 @@
+#!/usr/bin/env python3
+"""Benchmark idtoken-proxy against direct access and nginx as a reverse proxy, in one run.
+
+    python bench/run.py                      full run (a few minutes)
+    python bench/run.py --quick              a short smoke run (2 s per case, no extras)
+    python bench/run.py --only pinned,100b   a subset (see --help for the names)
+
+What it starts, all on 127.0.0.1 and all stopped by their own pid at the end:
+
+- an nginx upstream serving a 100-byte and a 1 MiB file (and a sparse 1 GiB file
+  for the big download),
+- nginx as a reverse proxy to it, with keep-alive upstream connections: the
+  reference every proxy is compared with,
+- idtoken-proxy (``python -m proxy --config ...``) with a static dummy token
+  (an unsigned JWT whose ``exp`` is far ahead; the nginx upstream ignores it),
+- for the 1 GiB upload, a small aiohttp sink (bench/sink.py) behind the proxy.
+
+Load comes from wrk (2 threads, 64 connections). "pinned" puts wrk and the
+upstream nginx on CPU 0 and the proxy under test on CPU 1; "unpinned" lets the
+kernel place everything. Each proxy is started fresh for each case, so its peak
+RSS (VmHWM) belongs to that case; CPU seconds are read from /proc/PID/stat
+around the measured run. Absolute numbers drift between runs and machines; the
+ratios within one run are what to compare.
+
+Needs nginx (Debian ``nginx-light``) and wrk: ``apt-get install -y nginx-light wrk``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import json
+import os
+import platform
+import re
+import shlex
+import shutil
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parent.parent
+INSTALL_HINT = "apt-get install -y nginx-light wrk"
+
+SIZES = {"100b": 100, "1m": 1 << 20}
+MODES = ("pinned", "unpinned")
+TARGETS = ("direct", "nginx", "proxy")
+EXTRAS = ("startup", "c1000", "idleconn", "bigfile")
+LABELS = {"direct": "direct", "nginx": "nginx-proxy", "proxy": "idtoken-proxy"}
+#: Issue targets, printed beside the measured ratios (the bench never fails on them).
+GOALS = {"100b": ">= 0.14 x nginx-proxy", "1m": ">= 0.75 x direct"}
+
+CLK_TCK = os.sysconf("SC_CLK_TCK")
+WRK_THREADS = 2
+WRK_CONNECTIONS = 64
+
+
+class BenchError(Exception):
+    """Something the benchmark could not do; printed as one line, exit 1."""
+
+
+# --------------------------------------------------------------------------- processes
+
+
+class Processes:
+    """Every process the benchmark starts, so each can be stopped by its own pid."""
+
+    def __init__(self, taskset: str | None) -> None:
+        self.taskset = taskset
+        self.running: list[tuple[str, subprocess.Popen[bytes], Path]] = []
+
+    def start(self, name: str, argv: list[str], log: Path, *, cpu: str | None = None, env: dict[str, str] | None = None) -> subprocess.Popen[bytes]:
+        if cpu is not None:
+            # taskset execs the command, so the pid we get is the program's own.
+            assert self.taskset is not None
+            argv = [self.taskset, "-c", cpu, *argv]
+        with open(log, "ab") as out:
+            # A session of its own: a Ctrl-C at the terminal reaches only us, and we stop the rest.
+            proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+        self.running.append((name, proc, log))
+        return proc
+
+    def stop(self, proc: subprocess.Popen[bytes], timeout: float = 10.0) -> None:
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
+            try:
+                proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+        self.running = [r for r in self.running if r[1] is not proc]
+
+    def stop_all(self) -> None:
+        for _, proc, _ in reversed(list(self.running)):
+            self.stop(proc)
+
+    def log_tail(self, proc: subprocess.Popen[bytes], lines: int = 15) -> str:
+        for _, p, log in self.running:
+            if p is proc:
+                try:
+                    return "\n".join(log.read_text(errors="replace").splitlines()[-lines:])
+                except OSError:
+                    return ""
+        return ""
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def http_get(port: int, path: str, timeout: float = 5.0) -> tuple[int, int]:
+    """One GET over a fresh connection: (status, body length)."""
+    with socket.create_connection(("127.0.0.1", port), timeout=timeout) as s:
+        s.sendall(f"GET {path} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nConnection: close\r\n\r\n".encode())
+        data = bytearray()
+        while chunk := s.recv(1 << 20):
+            data += chunk
+    head, _, body = bytes(data).partition(b"\r\n\r\n")
+    status = int(head.split(b" ", 2)[1]) if head.startswith(b"HTTP/1.") else 0
+    return status, len(body)
+
+
+def wait_ready(procs: Processes, proc: subprocess.Popen[bytes], port: int, path: str, timeout: float = 20.0) -> float:
+    """Poll until ``path`` answers 200; return seconds since the call. Fails if the process exits."""
+    start = time.perf_counter()
+    last = ""
+    while time.perf_counter() - start < timeout:
+        if proc.poll() is not None:
+            raise BenchError(f"process {proc.args} exited with {proc.returncode}:\n{procs.log_tail(proc)}")
+        try:
+            status, _ = http_get(port, path, timeout=2.0)
+            if status == 200:
+                return time.perf_counter() - start
+            last = f"status {status}"
+        except OSError as e:
+            last = type(e).__name__
+        time.sleep(0.002)
+    raise BenchError(f"{proc.args} not ready on port {port} after {timeout:g} s ({last}):\n{procs.log_tail(proc)}")
+
+
+# --------------------------------------------------------------------------- /proc
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time of a process, from /proc/PID/stat."""
+    with open(f"/proc/{pid}/stat") as f:
+        rest = f.read().rpartition(")")[2].split()
+    # rest[0] is field 3 (state); utime and stime are fields 14 and 15.
+    return (int(rest[11]) + int(rest[12])) / CLK_TCK
+
+
+def memory_kib(pid: int) -> dict[str, int]:
+    """VmRSS and VmHWM (peak RSS) of a process, in KiB."""
+    out: dict[str, int] = {}
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            key, _, value = line.partition(":")
+            if key in ("VmRSS", "VmHWM"):
+                out[key] = int(value.split()[0])
+    return out
+
+
+class RssSampler:
+    """Samples VmRSS in a thread; ``peak`` is the largest value seen."""
+
+    def __init__(self, pid: int, interval: float = 0.02) -> None:
+        self.pid, self.interval, self.peak = pid, interval, 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            try:
+                self.peak = max(self.peak, memory_kib(self.pid)["VmRSS"])
+            except (OSError, KeyError):
+                return
+            self._stop.wait(self.interval)
+
+    def __enter__(self) -> RssSampler:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+
+
+# --------------------------------------------------------------------------- wrk
+
+
+@dataclass
+class WrkResult:
+    rps: float
+    requests: int
+    seconds: float
+    p50_ms: float | None
+    p99_ms: float | None
+    errors: int
+    non_2xx: int
+
+
+_UNITS_MS = {"us": 0.001, "ms": 1.0, "s": 1000.0, "m": 60000.0}
+
+
+def _ms(text: str) -> float:
+    m = re.fullmatch(r"([\d.]+)(us|ms|s|m)", text)
+    if not m:
+        raise ValueError(text)
+    return float(m.group(1)) * _UNITS_MS[m.group(2)]
+
+
+def parse_wrk(text: str) -> WrkResult:
+    def find(pattern: str) -> re.Match[str] | None:
+        return re.search(pattern, text, re.MULTILINE)
+
+    rps = find(r"^Requests/sec:\s+([\d.]+)")
+    total = find(r"^\s*(\d+) requests in ([\d.]+)(us|ms|s|m)")
+    if not rps or not total:
+        raise BenchError(f"cannot read wrk's output:\n{text}")
+    p50 = find(r"^\s+50%\s+(\S+)")
+    p99 = find(r"^\s+99%\s+(\S+)")
+    errors = find(r"Socket errors: connect (\d+), read (\d+), write (\d+), timeout (\d+)")
+    non2xx = find(r"Non-2xx or 3xx responses: (\d+)")
+    return WrkResult(
+        rps=float(rps.group(1)),
+        requests=int(total.group(1)),
+        seconds=_ms(total.group(2) + total.group(3)) / 1000,
+        p50_ms=_ms(p50.group(1)) if p50 else None,
+        p99_ms=_ms(p99.group(1)) if p99 else None,
+        errors=sum(int(g) for g in errors.groups()) if errors else 0,
+        non_2xx=int(non2xx.group(1)) if non2xx else 0,
+    )
+
+
+# --------------------------------------------------------------------------- configs
+
+
+def dummy_token(audience: str) -> str:
+    """An unsigned JWT with exp ten years ahead: enough for the static identity source."""
+
+    def part(obj: dict[str, Any]) -> str:
+        return base64.urlsafe_b64encode(json.dumps(obj, separators=(",", ":")).encode()).rstrip(b"=").decode()
+
+    now = int(time.time())
+    header = {"alg": "RS256", "typ": "JWT", "kid": "bench"}
+    claims = {"aud": audience, "iss": "https://accounts.google.com", "email": "bench@example.invalid", "iat": now, "exp": now + 10 * 365 * 86400}
+    return f"{part(header)}.{part(claims)}.c2lnbmF0dXJl"
+
+
+NGINX_COMMON = """\
+daemon off;
+master_process off;
+worker_processes 1;
+pid {tmp}/{name}.pid;
+error_log {tmp}/{name}-error.log warn;
+worker_rlimit_nofile 8192;
+events {{ worker_connections 4096; }}
+http {{
+    access_log off;
+    client_body_temp_path {tmp}/{name}-body;
+    proxy_temp_path {tmp}/{name}-proxy;
+    fastcgi_temp_path {tmp}/{name}-fastcgi;
+    uwsgi_temp_path {tmp}/{name}-uwsgi;
+    scgi_temp_path {tmp}/{name}-scgi;
+    keepalive_requests 100000000;
+    keepalive_timeout 75s;
+{body}
+}}
+"""
+
+NGINX_UPSTREAM = """\
+    sendfile on;
+    tcp_nopush on;
+    server {{
+        listen 127.0.0.1:{port} backlog=4096;
+        root {tmp}/www;
+        location / {{ }}
+    }}
+"""
+
+# The reference: nginx with a keep-alive pool to the upstream, forwarding the same
+# token header. Responses are buffered in memory (64 x 16 KiB per request) and never
+# spilled to temp files, as a proxy tuned for this job would be.
+NGINX_PROXY = """\
+    upstream bench_upstream {{
+        server 127.0.0.1:{upstream};
+        keepalive 128;
+    }}
+    server {{
+        listen 127.0.0.1:{port} backlog=4096;
+        location / {{
+            proxy_pass http://bench_upstream;
+            proxy_http_version 1.1;
+            proxy_set_header Connection "";
+            proxy_set_header Authorization "Bearer {token}";
+            proxy_buffers 64 16k;
+            proxy_max_temp_file_size 0;
+        }}
+    }}
+"""
+
+PROXY_CONFIG = """\
+# Generated by bench/run.py.
+listen: {{host: 127.0.0.1, port: {port}}}
+credentials: {{source: static, token_env: BENCH_ID_TOKEN}}
+routes:
+  - upstream: http://127.0.0.1:{upstream}
+  - upstream: http://127.0.0.1:{sink}
+    prefix: /sink
+"""
+
+
+# --------------------------------------------------------------------------- results
+
+
+@dataclass
+class Row:
+    mode: str
+    size: str
+    target: str
+    connections: int
+    wrk: WrkResult
+    peak_rss_kib: int | None = None
+    cpu_s: float | None = None
+
+    @property
+    def cpu_us_per_req(self) -> float | None:
+        if self.cpu_s is None or not self.wrk.requests:
+            return None
+        return self.cpu_s / self.wrk.requests * 1e6
+
+
+@dataclass
+class Results:
+    machine: dict[str, str]
+    rows: list[Row] = field(default_factory=list)
+    extras: dict[str, Any] = field(default_factory=dict)
+
+    def find(self, mode: str, size: str, target: str, connections: int = WRK_CONNECTIONS) -> Row | None:
+        for r in self.rows:
+            if (r.mode, r.size, r.target, r.connections) == (mode, size, target, connections):
+                return r
+        return None
+
+
+def _fmt_ms(v: float | None) -> str:
+    return "-" if v is None else (f"{v * 1000:.0f}us" if v < 1 else f"{v:.2f}ms")
+
+
+def _fmt_mib(kib: int | None) -> str:
+    return "-" if kib is None else f"{kib / 1024:.1f} MiB"
+
+
+def ratio_of(res: Results, row: Row) -> tuple[float | None, str]:
+    """The issue's ratio for a row: x nginx-proxy for 100 B, x direct otherwise."""
+    ref_target = "nginx" if row.size == "100b" else "direct"
+    ref = res.find(row.mode, row.size, ref_target, row.connections)
+    if ref is None or not ref.wrk.rps:
+        return None, LABELS[ref_target]
+    return row.wrk.rps / ref.wrk.rps, LABELS[ref_target]
+
+
+def print_tables(res: Results, args: argparse.Namespace) -> None:
+    for mode in dict.fromkeys(r.mode for r in res.rows):
+        where = "wrk + upstream nginx on CPU 0, proxy under test on CPU 1" if mode == "pinned" else "no pinning"
+        print(f"\n== {mode} ({where}); wrk -t{WRK_THREADS} -c{WRK_CONNECTIONS} -d{args.duration}s --latency")
+        head = f"{'target':<18} {'size':<5} {'conns':>5} {'req/s':>10} {'p50':>9} {'p99':>9} {'ratio':>22} {'peak RSS':>10} {'CPU s':>6} {'us/req':>7}  notes"
+        print(head)
+        print("-" * len(head))
+        for r in (r for r in res.rows if r.mode == mode):
+            ratio, ref = ratio_of(res, r)
+            notes = []
+            if r.wrk.errors:
+                notes.append(f"{r.wrk.errors} socket errors")
+            if r.wrk.non_2xx:
+                notes.append(f"{r.wrk.non_2xx} non-2xx!")
+            print(
+                f"{LABELS.get(r.target, r.target):<18} {r.size:<5} {r.connections:>5} {r.wrk.rps:>10.0f} {_fmt_ms(r.wrk.p50_ms):>9} "
+                f"{_fmt_ms(r.wrk.p99_ms):>9} {(f'{ratio:.3f} x {ref}' if ratio is not None else '-'):>22} "
+                f"{_fmt_mib(r.peak_rss_kib):>10} {('-' if r.cpu_s is None else f'{r.cpu_s:.2f}'):>6} "
+                f"{('-' if r.cpu_us_per_req is None else f'{r.cpu_us_per_req:.0f}'):>7}  {', '.join(notes)}"
+            )
+
+    e = res.extras
+    if e:
+        print("\n== extras")
+    if "startup" in e:
+        s = e["startup"]
+        print(
+            f"startup: process start to first proxied 200: median {s['median_s']:.3f} s "
+            f"(runs {', '.join(f'{t:.3f}' for t in s['runs_s'])}; issue target <= 0.6 s); "
+            f"idle RSS 1 s after: {_fmt_mib(s['idle_rss_kib'])} (target <= 40 MiB)"
+        )
+    if "idleconn" in e:
+        s = e["idleconn"]
+        print(
+            f"idle keep-alive connections: {s['connections']} open after one request each: RSS {_fmt_mib(s['before_kib'])} -> "
+            f"{_fmt_mib(s['after_kib'])}, {s['per_connection_kib']:.1f} KiB per idle connection"
+        )
+    for key in ("c1000",):
+        for s in e.get(key, []):
+            print(
+                f"{s['connections']} vs {WRK_CONNECTIONS} connections ({s['mode']}, 100b): {s['label']} {s['rps']:.0f} vs {s['rps_64']:.0f} req/s "
+                f"= {s['ratio']:.3f} (issue: >= 0.90 for idtoken-proxy); p99 {_fmt_ms(s['p99_ms'])}; peak RSS {_fmt_mib(s['peak_rss_kib'])}"
+            )
+    for s in e.get("bigfile", []):
+        print(
+            f"{s['what']} {s['bytes'] / (1 << 30):.2f} GiB via {s['via']}: {'intact' if s['ok'] else 'BROKEN: ' + s['problem']}, "
+            f"{s['mib_s']:.0f} MiB/s"
+            + (f", proxy RSS {_fmt_mib(s['rss_before_kib'])} before, peak {_fmt_mib(s['rss_peak_kib'])} during (VmHWM {_fmt_mib(s['hwm_kib'])})" if s["via"] != "direct" else "")
+        )
+
+    if res.rows:
+        print("\n== ratios (issue targets in brackets; ratios within one run are what to compare)")
+    for r in res.rows:
+        if r.target == "direct" or r.connections != WRK_CONNECTIONS:
+            continue
+        if r.size == "100b" and r.target == "nginx":
+            continue
+        ratio, ref = ratio_of(res, r)
+        goal = f" [{GOALS[r.size]}]" if r.target == "proxy" else ""
+        value = f"{ratio:.3f}" if ratio is not None else f"n/a ({ref} not measured)"
+        print(f"ratio {r.mode} {r.size} {LABELS.get(r.target, r.target)} = {value} x {ref}{goal}")
+
+
+# --------------------------------------------------------------------------- the run
+
+
+class Bench:
+    def __init__(self, args: argparse.Namespace, tools: dict[str, str | None], tmp: Path) -> None:
+        self.args, self.tools, self.tmp = args, tools, tmp
+        self.procs = Processes(tools["taskset"])
+        self.token = ""
+        self.ports = {name: free_port() for name in ("upstream", "nginx", "proxy", "sink")}
+        self.results = Results(machine=machine_info(tools))
+        self._logn = 0
+
+    # ---- setup
+
+    def prepare(self, need_big: bool) -> None:
+        www = self.tmp / "www"
+        www.mkdir()
+        (www / "100b").write_bytes(b"x" * 99 + b"\n")
+        (www / "1m").write_bytes(bytes(range(256)) * 4096)
+        if need_big:
+            # Sparse: no disk space taken, and nginx sends it with sendfile.
+            with open(www / "big", "wb") as f:
+                f.truncate(self.args.big_mib << 20)
+            # Read it once, so the first download does not pay for filling the page cache.
+            with open(www / "big", "rb") as f:
+                while f.read(8 << 20):
+                    pass
+        self.token = dummy_token(f"http://127.0.0.1:{self.ports['upstream']}")
+        self._nginx_conf("upstream", NGINX_UPSTREAM.format(port=self.ports["upstream"], tmp=self.tmp))
+        self._nginx_conf("nginx", NGINX_PROXY.format(port=self.ports["nginx"], upstream=self.ports["upstream"], token=self.token))
+        (self.tmp / "proxy.yaml").write_text(
+            PROXY_CONFIG.format(port=self.ports["proxy"], upstream=self.ports["upstream"], sink=self.ports["sink"])
+        )
+
+    def _nginx_conf(self, name: str, body: str) -> None:
+        for sub in ("body", "proxy", "fastcgi", "uwsgi", "scgi"):
+            (self.tmp / f"{name}-{sub}").mkdir(exist_ok=True)
+        (self.tmp / f"{name}.conf").write_text(NGINX_COMMON.format(tmp=self.tmp, name=name, body=body))
+
+    def _log(self, name: str) -> Path:
+        self._logn += 1
+        return self.tmp / f"{self._logn:02d}-{name}.log"
+
+    def proxy_env(self) -> dict[str, str]:
+        env = {k: v for k, v in os.environ.items() if not k.lower().endswith("_proxy") and not k.startswith(("IDTOKEN_PROXY_", "GOOGLE_"))}
+        env.update(
+            BENCH_ID_TOKEN=self.token,
+            # Nothing of the user's gcloud or ADC setup is read or touched.
+            HOME=str(self.tmp),
+            CLOUDSDK_CONFIG=str(self.tmp / "gcloud"),
+            NO_PROXY="127.0.0.1,localhost",
+            PYTHONPATH=str(ROOT) + os.pathsep + env.get("PYTHONPATH", ""),
+        )
+        return env
+
+    # ---- process starters
+
+    def start_upstream(self, cpu: str | None) -> subprocess.Popen[bytes]:
+        nginx = self.tools["nginx"]
+        assert nginx is not None
+        argv = [nginx, "-p", str(self.tmp), "-e", str(self.tmp / "upstream-error.log"), "-c", str(self.tmp / "upstream.conf")]
+        proc = self.procs.start("upstream nginx", argv, self._log("upstream"), cpu=cpu)
+        wait_ready(self.procs, proc, self.ports["upstream"], "/100b")
+        return proc
+
+    def start_sink(self) -> subprocess.Popen[bytes]:
+        proc = self.procs.start("sink", [sys.executable, str(ROOT / "bench" / "sink.py"), str(self.ports["sink"])], self._log("sink"))
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline:
+            if proc.poll() is not None:
+                raise BenchError(f"the upload sink exited:\n{self.procs.log_tail(proc)}")
+            try:
+                socket.create_connection(("127.0.0.1", self.ports["sink"]), timeout=1).close()
+                return proc
+            except OSError:
+                time.sleep(0.02)
+        raise BenchError("the upload sink did not start")
+
+    def start_target(self, target: str, cpu: str | None) -> tuple[subprocess.Popen[bytes] | None, int, float]:
+        """Start a fresh proxy under test: (process, port, seconds to its first 200)."""
+        if target == "direct":
+            return None, self.ports["upstream"], 0.0
+        if target == "nginx":
+            nginx = self.tools["nginx"]
+            assert nginx is not None
+            argv = [nginx, "-p", str(self.tmp), "-e", str(self.tmp / "nginx-error.log"), "-c", str(self.tmp / "nginx.conf")]
+            proc = self.procs.start("nginx proxy", argv, self._log("nginx-proxy"), cpu=cpu)
+            return proc, self.ports["nginx"], wait_ready(self.procs, proc, self.ports["nginx"], "/100b")
+        if target == "proxy":
+            argv = [sys.executable, "-m", "proxy", "--config", str(self.tmp / "proxy.yaml"), *self.args.proxy_arg]
+            proc = self.procs.start("idtoken-proxy", argv, self._log("idtoken-proxy"), cpu=cpu, env=self.proxy_env())
+            return proc, self.ports["proxy"], wait_ready(self.procs, proc, self.ports["proxy"], "/100b")
+        # --compare NAME=COMMAND: another proxy, for side-by-side figures.
+        command = dict(self.args.compare)[target]
+        port = free_port()
+        argv = shlex.split(command.format(port=port, upstream=f"http://127.0.0.1:{self.ports['upstream']}", python=sys.executable))
+        proc = self.procs.start(target, argv, self._log(target), cpu=cpu, env=self.proxy_env())
+        return proc, port, wait_ready(self.procs, proc, port, "/100b")
+
+    # ---- measurements
+
+    def wrk(self, port: int, path: str, duration: int, connections: int, cpu: str | None) -> WrkResult:
+        wrk = self.tools["wrk"]
+        assert wrk is not None
+        argv = [wrk, f"-t{WRK_THREADS}", f"-c{connections}", f"-d{duration}s", "--latency", "--timeout", "10s", f"http://127.0.0.1:{port}/{path}"]
+        if cpu is not None:
+            argv = [str(self.tools["taskset"]), "-c", cpu, *argv]
+        done = subprocess.run(argv, capture_output=True, text=True, timeout=duration + 60)
+        if done.returncode != 0:
+            raise BenchError(f"wrk failed ({done.returncode}): {done.stderr.strip() or done.stdout.strip()}")
+        return parse_wrk(done.stdout)
+
+    def measure(self, mode: str, size: str, target: str, connections: int = WRK_CONNECTIONS) -> Row:
+        load_cpu, proxy_cpu = ("0", "1") if mode == "pinned" else (None, None)
+        proc, port, _ = self.start_target(target, proxy_cpu)
+        try:
+            status, length = http_get(port, f"/{size}")
+            if status != 200 or length != SIZES[size]:
+                raise BenchError(f"{LABELS.get(target, target)}: GET /{size} gave {status} with {length} bytes, wanted 200 with {SIZES[size]}")
+            if self.args.warmup:
+                self.wrk(port, size, self.args.warmup, connections, load_cpu)
+            cpu0 = cpu_seconds(proc.pid) if proc else None
+            result = self.wrk(port, size, self.args.duration, connections, load_cpu)
+            row = Row(mode=mode, size=size, target=target, connections=connections, wrk=result)
+            if proc is not None:
+                assert cpu0 is not None
+                row.cpu_s = cpu_seconds(proc.pid) - cpu0
+                row.peak_rss_kib = memory_kib(proc.pid)["VmHWM"]
+        finally:
+            if proc is not None:
+                self.procs.stop(proc)
+        self.results.rows.append(row)
+        print(
+            f"  {mode:<8} {size:<5} {LABELS.get(target, target):<14} c{connections:<4} {row.wrk.rps:>9.0f} req/s"
+            f"  p50 {_fmt_ms(row.wrk.p50_ms)} p99 {_fmt_ms(row.wrk.p99_ms)}"
+            + (f"  peak RSS {_fmt_mib(row.peak_rss_kib)}" if row.peak_rss_kib else ""),
+            flush=True,
+        )
+        return row
+
+    def startup(self, runs: int = 3) -> None:
+        times, idle = [], None
+        for i in range(runs):
+            proc, _, elapsed = self.start_target("proxy", None)
+            assert proc is not None
+            try:
+                if i == 0:
+                    time.sleep(1.0)
+                    idle = memory_kib(proc.pid)["VmRSS"]
+            finally:
+                self.procs.stop(proc)
+            times.append(elapsed)
+        self.results.extras["startup"] = {"runs_s": times, "median_s": statistics.median(times), "idle_rss_kib": idle}
+        print(f"  startup {statistics.median(times):.3f} s, idle RSS {_fmt_mib(idle)}", flush=True)
+
+    def idle_connections(self, count: int) -> None:
+        proc, port, _ = self.start_target("proxy", None)
+        assert proc is not None
+        socks: list[socket.socket] = []
+        try:
+            time.sleep(0.5)
+            before = memory_kib(proc.pid)["VmRSS"]
+            request = f"GET /100b HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\n\r\n".encode()
+            for _ in range(count):
+                s = socket.create_connection(("127.0.0.1", port), timeout=10)
+                socks.append(s)
+                s.sendall(request)
+            for s in socks:
+                _read_response(s)
+            time.sleep(0.5)
+            after = memory_kib(proc.pid)["VmRSS"]
+        finally:
+            for s in socks:
+                s.close()
+            self.procs.stop(proc)
+        per = (after - before) / count
+        self.results.extras["idleconn"] = {"connections": count, "before_kib": before, "after_kib": after, "per_connection_kib": per}
+        print(f"  {count} idle connections: {per:.1f} KiB each", flush=True)
+
+    def many_connections(self, mode: str, connections: int) -> None:
+        out = []
+        for target in ("nginx", "proxy"):
+            base = self.results.find(mode, "100b", target) or self.measure(mode, "100b", target)
+            row = self.measure(mode, "100b", target, connections)
+            out.append(
+                {
+                    "mode": mode,
+                    "label": LABELS[target],
+                    "connections": connections,
+                    "rps": row.wrk.rps,
+                    "rps_64": base.wrk.rps,
+                    "ratio": row.wrk.rps / base.wrk.rps if base.wrk.rps else 0.0,
+                    "p99_ms": row.wrk.p99_ms,
+                    "peak_rss_kib": row.peak_rss_kib,
+                }
+            )
+        self.results.extras["c1000"] = out
+
+    def big_transfers(self) -> None:
+        size = self.args.big_mib << 20
+        out = []
+        for via in ("direct", "proxy"):
+            for what in ("download", "upload"):
+                if via == "direct":
+                    proc, port = None, self.ports["upstream" if what == "download" else "sink"]
+                    path = "/big" if what == "download" else "/upload"
+                else:
+                    proc, port, _ = self.start_target("proxy", None)
+                    path = "/big" if what == "download" else "/sink/upload"
+                try:
+                    before = memory_kib(proc.pid)["VmRSS"] if proc else None
+                    sampler = RssSampler(proc.pid) if proc else None
+                    start = time.perf_counter()
+                    if sampler:
+                        sampler.__enter__()
+                    try:
+                        ok, problem = (_download if what == "download" else _upload)(port, path, size)
+                    finally:
+                        if sampler:
+                            sampler.__exit__()
+                    elapsed = time.perf_counter() - start
+                    entry: dict[str, Any] = {
+                        "what": what,
+                        "via": via,
+                        "bytes": size,
+                        "ok": ok,
+                        "problem": problem,
+                        "mib_s": size / (1 << 20) / elapsed,
+                    }
+                    if proc is not None and sampler is not None:
+                        entry.update(rss_before_kib=before, rss_peak_kib=sampler.peak, hwm_kib=memory_kib(proc.pid)["VmHWM"])
+                finally:
+                    if proc is not None:
+                        self.procs.stop(proc)
+                out.append(entry)
+                print(f"  {what} via {via}: {'ok' if ok else problem}, {entry['mib_s']:.0f} MiB/s", flush=True)
+        self.results.extras["bigfile"] = out
+
+    # ---- plan
+
+    def run(self, modes: list[str], sizes: list[str], targets: list[str], extras: list[str]) -> None:
+        self.prepare(need_big="bigfile" in extras)
+        for mode in modes:
+            wanted = bool(sizes and targets) or ("c1000" in extras and mode == modes[0])
+            if not wanted:
+                continue
+            load_cpu = "0" if mode == "pinned" else None
+            upstream = self.start_upstream(load_cpu)
+            try:
+                for size in sizes:
+                    for target in targets:
+                        self.measure(mode, size, target)
+                # Compared with the 64-connection figure of the same mode, so in the first mode only.
+                if "c1000" in extras and mode == modes[0]:
+                    self.many_connections(mode, self.args.many)
+            finally:
+                self.procs.stop(upstream)
+        rest = [e for e in extras if e != "c1000"]
+        if rest:
+            upstream = self.start_upstream(None)
+            sink = self.start_sink() if "bigfile" in rest else None
+            try:
+                if "startup" in rest:
+                    self.startup()
+                if "idleconn" in rest:
+                    self.idle_connections(self.args.many)
+                if "bigfile" in rest:
+                    self.big_transfers()
+            finally:
+                if sink is not None:
+                    self.procs.stop(sink)
+                self.procs.stop(upstream)
+
+
+def _read_response(s: socket.socket) -> tuple[int, int]:
+    """Read one response with a Content-Length from a blocking socket: (status, body bytes)."""
+    buf = bytearray()
+    while b"\r\n\r\n" not in buf:
+        chunk = s.recv(65536)
+        if not chunk:
+            raise BenchError("connection closed before the response head")
+        buf += chunk
+    head, _, body = bytes(buf).partition(b"\r\n\r\n")
+    status = int(head.split(b" ", 2)[1])
+    m = re.search(rb"(?im)^content-length:\s*(\d+)", head)
+    length = int(m.group(1)) if m else 0
+    got = len(body)
+    while got < length:
+        chunk = s.recv(min(1 << 20, length - got))
+        if not chunk:
+            break
+        got += len(chunk)
+    return status, got
+
+
+def _download(port: int, path: str, size: int) -> tuple[bool, str]:
+    with socket.create_connection(("127.0.0.1", port), timeout=60) as s:
+        s.sendall(f"GET {path} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\n\r\n".encode())
+        status, got = _read_response(s)
+    if status != 200 or got != size:
+        return False, f"status {status}, {got} of {size} bytes"
+    return True, ""
+
+
+def _upload(port: int, path: str, size: int) -> tuple[bool, str]:
+    chunk = bytes(range(256)) * 4096  # 1 MiB
+    with socket.create_connection(("127.0.0.1", port), timeout=60) as s:
+        s.sendall(f"POST {path} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nContent-Type: application/octet-stream\r\nContent-Length: {size}\r\n\r\n".encode())
+        left = size
+        view = memoryview(chunk)
+        while left:
+            n = min(left, len(chunk))
+            s.sendall(view[:n])
+            left -= n
+        buf = bytearray()
+        while chunk_in := s.recv(65536):
+            buf += chunk_in
+            head, sep, body = bytes(buf).partition(b"\r\n\r\n")
+            m = re.search(rb"(?im)^content-length:\s*(\d+)", head)
+            if sep and m and len(body) >= int(m.group(1)):
+                break
+    head, _, body = bytes(buf).partition(b"\r\n\r\n")
+    status = int(head.split(b" ", 2)[1]) if head.startswith(b"HTTP/1.") else 0
+    if status != 200 or body.strip() != str(size).encode():
+        return False, f"status {status}, sink counted {body.strip()[:40]!r} of {size} bytes"
+    return True, ""
+
+
+# --------------------------------------------------------------------------- main
+
+
+def find_tools(env: dict[str, str] | None = None) -> dict[str, str | None]:
+    """nginx, wrk and taskset: from BENCH_NGINX / BENCH_WRK / BENCH_TASKSET if set, else from PATH."""
+    env = dict(os.environ) if env is None else env
+    tools: dict[str, str | None] = {}
+    for name in ("nginx", "wrk", "taskset"):
+        given = env.get(f"BENCH_{name.upper()}")
+        if given is not None:
+            tools[name] = given if os.path.isfile(given) and os.access(given, os.X_OK) else None
+            continue
+        found = shutil.which(name)
+        if found is None and name == "nginx":
+            # Debian puts it in sbin, which is often not on a user's PATH.
+            found = next((p for p in ("/usr/sbin/nginx", "/usr/local/sbin/nginx") if os.access(p, os.X_OK)), None)
+        tools[name] = found
+    return tools
+
+
+def machine_info(tools: dict[str, str | None]) -> dict[str, str]:
+    model = ""
+    try:
+        with open("/proc/cpuinfo") as f:
+            model = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), "")
+    except OSError:
+        pass
+    versions = {}
+    for name in ("aiohttp", "uvloop", "multidict", "yarl"):
+        try:
+            versions[name] = __import__(name).__version__
+        except Exception:  # noqa: BLE001 - a missing package just leaves its version out
+            versions[name] = "-"
+    nginx_v = subprocess.run([str(tools["nginx"]), "-v"], capture_output=True, text=True).stderr.strip().rpartition("/")[2] if tools["nginx"] else "-"
+    wrk_v = subprocess.run([str(tools["wrk"]), "-v"], capture_output=True, text=True).stdout.split("\n")[0].split(" [")[0] if tools["wrk"] else "-"
+    return {
+        "cpu": model or platform.machine(),
+        "cpus": str(os.cpu_count()),
+        "kernel": platform.release(),
+        "python": platform.python_version(),
+        **versions,
+        "nginx": nginx_v,
+        "wrk": wrk_v,
+        "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
+    }
+
+
+def _name_command(value: str) -> tuple[str, str]:
+    name, sep, command = value.partition("=")
+    if not sep or not name or not command or not re.fullmatch(r"[a-z0-9_-]+", name):
+        raise argparse.ArgumentTypeError(f"use NAME=COMMAND with a lower-case NAME, got {value!r}")
+    return name, command
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    names = ", ".join((*MODES, *SIZES, *TARGETS, *EXTRAS))
+    p = argparse.ArgumentParser(
+        prog="bench/run.py",
+        description="Measure idtoken-proxy against direct access and nginx as a reverse proxy, and print the ratios.",
+        epilog=(
+            f"--only takes names from: {names}. Within each group (modes, sizes, targets) naming none means all; "
+            "extras run only when named (or when --only is not given at all; --quick skips them). "
+            f"Needs nginx and wrk: {INSTALL_HINT}."
+        ),
+    )
+    p.add_argument("--quick", action="store_true", help="short smoke run: 2 s per case, no warm-up, no extras unless named")
+    p.add_argument("--duration", type=int, help="seconds of load per case (default 10, --quick 2)")
+    p.add_argument("--warmup", type=int, help="seconds of unmeasured load before each case (default 1, --quick 0)")
+    p.add_argument("--only", default="", help="comma-separated subset, e.g. unpinned,100b,nginx,proxy")
+    p.add_argument("--many", type=int, default=1000, help="connections for the c1000 and idleconn extras (default 1000)")
+    p.add_argument("--big-mib", type=int, default=1024, help="size of the bigfile upload and download in MiB (default 1024)")
+    p.add_argument("--proxy-arg", action="append", default=[], metavar="ARG", help="extra argument for idtoken-proxy (repeatable), e.g. --proxy-arg=--log-level=warning")
+    p.add_argument(
+        "--compare",
+        action="append",
+        default=[],
+        metavar="NAME=COMMAND",
+        type=_name_command,
+        help="another proxy to measure beside the others; COMMAND may use {port}, {upstream} and {python}",
+    )
+    p.add_argument("--json", metavar="FILE", help="also write the results as JSON")
+    p.add_argument("--keep", action="store_true", help="keep the temporary directory (configs and logs)")
+    args = p.parse_args(argv)
+    if args.duration is None:
+        args.duration = 2 if args.quick else 10
+    if args.warmup is None:
+        args.warmup = 0 if args.quick else 1
+    if args.duration < 1:
+        p.error("--duration must be at least 1 (wrk takes whole seconds)")
+    only = [x.strip().lower() for x in args.only.split(",") if x.strip()]
+    known = {*MODES, *SIZES, *TARGETS, *EXTRAS, *(name for name, _ in args.compare)}
+    unknown = [x for x in only if x not in known]
+    if unknown:
+        p.error(f"--only: unknown name(s) {', '.join(unknown)}; choose from {names}")
+    args.only = only
+    return args
+
+
+def plan(args: argparse.Namespace) -> tuple[list[str], list[str], list[str], list[str]]:
+    only = args.only
+    compare = [name for name, _ in args.compare]
+
+    def pick(group: tuple[str, ...] | list[str]) -> list[str]:
+        chosen = [x for x in group if x in only]
+        return chosen or list(group)
+
+    modes, sizes = pick(MODES), pick(SIZES)
+    targets = pick([*TARGETS, *compare])
+    if only or args.quick:
+        extras = [x for x in EXTRAS if x in only]
+    else:
+        extras = list(EXTRAS)
+    if only and not any(x in only for x in (*MODES, *SIZES, *TARGETS, *compare)):
+        # Only extras named: no main table (c1000 still needs a mode to run in).
+        sizes, targets = [], []
+    return modes, sizes, targets, extras
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    modes, sizes, targets, extras = plan(args)
+    tools = find_tools()
+    missing = [name for name in ("nginx", "wrk") if not tools[name]]
+    if missing:
+        print(f"bench: {' and '.join(missing)} not found; install with: {INSTALL_HINT}", file=sys.stderr)
+        return 3
+    if "pinned" in modes and (not tools["taskset"] or (os.cpu_count() or 1) < 2):
+        print("bench: pinned mode needs taskset (util-linux) and two CPUs; skipping it", file=sys.stderr)
+        modes = [m for m in modes if m != "pinned"]
+
+    # SIGTERM ends us like Ctrl-C does, so the finally below stops every child.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
+    tmp = Path(tempfile.mkdtemp(prefix="idtoken-bench-"))
+    bench = Bench(args, tools, tmp)
+    m = bench.results.machine
+    print(f"machine: {m['cpu']}, {m['cpus']} CPUs, Linux {m['kernel']}; Python {m['python']}, aiohttp {m['aiohttp']}, uvloop {m['uvloop']}; nginx {m['nginx']}; {m['wrk']}")
+    print(f"plan: modes {','.join(modes) or '-'}; sizes {','.join(sizes)}; targets {','.join(targets)}; extras {','.join(extras) or '-'}; {args.duration} s per case")
+    try:
+        bench.run(modes, sizes, targets, extras)
+    except BenchError as e:
+        print(f"bench: {e}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("bench: interrupted", file=sys.stderr)
+        return 130
+    finally:
+        bench.procs.stop_all()
+        if not args.keep:
+            shutil.rmtree(tmp, ignore_errors=True)
+    print_tables(bench.results, args)
+    if args.json:
+        data = {"machine": bench.results.machine, "rows": [asdict(r) | {"cpu_us_per_req": r.cpu_us_per_req} for r in bench.results.rows], "extras": bench.results.extras}
+        Path(args.json).write_text(json.dumps(data, indent=2) + "\n")
+    if args.keep:
+        print(f"\nconfigs and logs kept in {tmp}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,40 @@
+"""A tiny upload sink for the benchmark: reads a request body to the end and says how many bytes came.
+
+    python bench/sink.py PORT
+
+POST (or PUT) any path: the body is read in full and discarded, and the reply
+is ``200`` with the byte count as text, so the benchmark can check that a 1 GiB
+upload arrived intact. nginx cannot take a large POST to a static file, hence
+this helper. It listens on 127.0.0.1 only and prints ``ready`` once it does.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import sys
+
+from aiohttp import web
+
+
+async def sink(request: web.Request) -> web.Response:
+    seen = 0
+    async for chunk in request.content.iter_any():
+        seen += len(chunk)
+    return web.Response(text=str(seen))
+
+
+async def main(port: int) -> None:
+    app = web.Application(client_max_size=0)
+    app.router.add_route("*", "/{tail:.*}", sink)
+    runner = web.AppRunner(app, access_log=None, handle_signals=False)
+    await runner.setup()
+    await web.TCPSite(runner, "127.0.0.1", port).start()
+    print("ready", flush=True)
+    await asyncio.Event().wait()
+
+
+if __name__ == "__main__":
+    try:
+        asyncio.run(main(int(sys.argv[1])))
+    except KeyboardInterrupt:
+        pass

@@ -1,0 +1,155 @@
+"""A bounded smoke run of bench/run.py: it starts its servers, drives load and prints ratios.
+
+No timing assertions (shared noisy machine): only that the run completed, every
+request through the proxy got its 200, and a ratio line with a number was printed.
+nginx and wrk come from Debian (tests/run.sh installs them); without them the
+smoke run is skipped on a developer's machine and fails under CI=true.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+from types import ModuleType
+
+import pytest
+
+from tests.fakes.fixtures import CleanEnv
+
+ROOT = Path(__file__).resolve().parent.parent
+RUN = ROOT / "bench" / "run.py"
+
+
+def _load_bench() -> ModuleType:
+    spec = importlib.util.spec_from_file_location("bench_run", RUN)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["bench_run"] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+bench = _load_bench()
+# Resolved before clean_env narrows PATH (which keeps gcloud, and so /usr/bin, out of reach).
+TOOLS = bench.find_tools()
+
+
+def _require_tools() -> None:
+    missing = [name for name in ("nginx", "wrk") if not TOOLS[name]]
+    if not missing:
+        return
+    message = f"{' and '.join(missing)} not installed ({bench.INSTALL_HINT}; tests/run.sh does it)"
+    if os.environ.get("CI", "").lower() == "true":
+        pytest.fail(f"CI=true: {message}")
+    pytest.skip(message)
+
+
+def _tool_env() -> dict[str, str]:
+    return {f"BENCH_{name.upper()}": path for name, path in TOOLS.items() if path}
+
+
+@pytest.mark.timeout(60)
+def test_quick_run_prints_ratio_and_every_proxied_request_succeeds(clean_env: CleanEnv) -> None:
+    _require_tools()
+    done = subprocess.run(
+        [sys.executable, str(RUN), "--quick", "--duration", "1", "--only", "unpinned,100b,nginx,proxy"],
+        capture_output=True,
+        text=True,
+        timeout=50,
+        env=clean_env.env(**_tool_env()),
+        cwd=ROOT,
+    )
+    out = done.stdout
+    assert done.returncode == 0, f"exit {done.returncode}\n{out}\n{done.stderr}"
+    rows = {m.group(1): m for m in re.finditer(r"^(nginx-proxy|idtoken-proxy)\s+100b\s+64\s+(\d+)\s.*$", out, re.MULTILINE)}
+    assert set(rows) == {"nginx-proxy", "idtoken-proxy"}, out
+    for name, row in rows.items():
+        assert int(row.group(2)) > 0, f"{name}: no requests completed\n{out}"
+        # wrk counts every non-2xx answer; the bench notes them on the row.
+        assert "non-2xx" not in row.group(0) and "socket errors" not in row.group(0), out
+    ratio = re.search(r"^ratio unpinned 100b idtoken-proxy = (\d+\.\d+) x nginx-proxy", out, re.MULTILINE)
+    assert ratio is not None, out
+    assert float(ratio.group(1)) > 0, out
+
+
+def test_missing_tool_exits_nonzero_with_install_hint(clean_env: CleanEnv, tmp_path: Path) -> None:
+    done = subprocess.run(
+        [sys.executable, str(RUN), "--quick"],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        env=clean_env.env(BENCH_WRK=str(tmp_path / "no-wrk-here"), BENCH_NGINX=str(tmp_path / "no-nginx-here")),
+        cwd=ROOT,
+    )
+    assert done.returncode != 0
+    assert "nginx and wrk not found" in done.stderr
+    assert "apt-get install -y nginx-light wrk" in done.stderr
+    assert done.stdout == ""
+
+
+WRK_OUTPUT = """\
+Running 2s test @ http://127.0.0.1:8080/100b
+  2 threads and 64 connections
+  Thread Stats   Avg      Stdev     Max   +/- Stdev
+    Latency    29.53ms    9.71ms 110.02ms   84.29%
+    Req/Sec     1.03k   128.11     1.21k    75.00%
+  Latency Distribution
+     50%  567.00us
+     75%   31.45ms
+     90%   37.50ms
+     99%    1.10s
+  4104 requests in 2.01s, 1.18MB read
+  Socket errors: connect 0, read 2, write 0, timeout 3
+  Non-2xx or 3xx responses: 7
+Requests/sec:   2041.87
+Transfer/sec:    599.71KB
+"""
+
+
+def test_parse_wrk_reads_rate_latency_and_failures() -> None:
+    r = bench.parse_wrk(WRK_OUTPUT)
+    assert r.rps == pytest.approx(2041.87)
+    assert r.requests == 4104
+    assert r.seconds == pytest.approx(2.01)
+    assert r.p50_ms == pytest.approx(0.567)
+    assert r.p99_ms == pytest.approx(1100.0)
+    assert (r.errors, r.non_2xx) == (5, 7)
+
+
+def test_parse_wrk_without_failure_lines() -> None:
+    text = "\n".join(line for line in WRK_OUTPUT.splitlines() if not line.startswith(("  Socket", "  Non-2xx")))
+    r = bench.parse_wrk(text)
+    assert (r.errors, r.non_2xx) == (0, 0)
+
+
+@pytest.mark.parametrize(
+    ("only", "expected"),
+    [
+        ("", (["pinned", "unpinned"], ["100b", "1m"], ["direct", "nginx", "proxy"], ["startup", "c1000", "idleconn", "bigfile"])),
+        ("unpinned,100b", (["unpinned"], ["100b"], ["direct", "nginx", "proxy"], [])),
+        ("bigfile", (["pinned", "unpinned"], [], [], ["bigfile"])),
+        ("pinned,1m,proxy,c1000", (["pinned"], ["1m"], ["proxy"], ["c1000"])),
+    ],
+)
+def test_only_selects_cases(only: str, expected: tuple[list[str], ...]) -> None:
+    args = bench.parse_args(["--only", only] if only else [])
+    assert bench.plan(args) == expected
+
+
+def test_quick_skips_extras_unless_named() -> None:
+    assert bench.plan(bench.parse_args(["--quick"]))[3] == []
+    assert bench.plan(bench.parse_args(["--quick", "--only", "startup"]))[3] == ["startup"]
+
+
+def test_dummy_token_is_accepted_by_the_static_source() -> None:
+    from proxy.identity import jwt_claims, minted
+
+    token = bench.dummy_token("http://127.0.0.1:1")
+    m = minted(token)
+    assert m.aud == "http://127.0.0.1:1"
+    assert m.exp > jwt_claims(token)["iat"] + 86400 * 365
