@@ -13,11 +13,13 @@ from aiohttp import web
 from . import health, metrics
 from .config import Config, Credentials
 from .forward import Forwarder
+from .guard import Guard
 from .health import Readiness
 from .identity import Identity, build_identity
 from .logs import OBSERVER
 from .metrics import ProxyMetrics
 from .router import CompiledRoute, Router, compile_route
+from .status import RequestStats, StatusPage
 from .tokens import TokenCache
 
 log = logging.getLogger(__name__)
@@ -79,7 +81,10 @@ def make_app(
             return await proxy(request)
         return await handler(request)
 
-    app = web.Application(middlewares=[unroutable])
+    # The browser guard runs first, before any token is fetched or upstream contacted.
+    guard = Guard(config)
+    app = web.Application(middlewares=[guard.middleware, unroutable])
+    app.on_response_prepare.append(guard.on_response_prepare)
     app[STATE] = state
     app[OBSERVER] = state.metrics
     app.cleanup_ctx.append(_client_session)
@@ -92,6 +97,7 @@ def make_app(
     # The proxy's own endpoints go before the catch-all route.
     health.add_routes(app, state.readiness)
     metrics.add_routes(app, state.metrics)
+    StatusPage(config, compiled, tokens, RequestStats(r.name for r in compiled)).add_routes(app)
     app.router.add_route("*", "/{tail:.*}", proxy)
     return app
 
@@ -120,7 +126,7 @@ async def _client_session(app: web.Application) -> AsyncIterator[None]:
         # Honour HTTPS_PROXY / NO_PROXY, as users behind corporate proxies expect.
         trust_env=True,
     )
-    state.forwarder = Forwarder(state.router, state.tokens, session)
+    state.forwarder = Forwarder(state.router, state.tokens, session, websockets=state.websockets)
     yield
     await session.close()
 

@@ -11,13 +11,21 @@ from __future__ import annotations
 import asyncio
 import logging
 import ssl
+import weakref
 from collections.abc import AsyncIterator
 
 import aiohttp
 from aiohttp import hdrs, web
 
+from . import websocket
 from .errors import BadRequest, ProxyError, TokenUnavailable, UpstreamError, UpstreamTimeout, redact
-from .headers import downstream_response_headers, rewrite_location, upstream_request_headers
+from .headers import (
+    downstream_response_headers,
+    rewrite_location,
+    rewrite_same_origin,
+    rewrite_set_cookies,
+    upstream_request_headers,
+)
 from .logs import UPSTREAM_SECONDS
 from .router import CompiledRoute, Router, split_target
 from .tokens import TokenCache
@@ -28,6 +36,8 @@ log = logging.getLogger(__name__)
 SKIP_AUTO_HEADERS = frozenset({hdrs.USER_AGENT, hdrs.ACCEPT_ENCODING, hdrs.ACCEPT, hdrs.CONTENT_TYPE})
 
 ROUTE_KEY = "idtoken_proxy.route"
+#: The one-line reason of a request the proxy refused or failed (for the status page).
+ERROR_KEY = "idtoken_proxy.error"
 
 
 def error_response(exc: ProxyError) -> web.Response:
@@ -53,10 +63,18 @@ async def _capped(stream: aiohttp.StreamReader, cap: int) -> AsyncIterator[bytes
 class Forwarder:
     """Forwards requests for a router's routes through one shared ClientSession."""
 
-    def __init__(self, router: Router, tokens: TokenCache, session: aiohttp.ClientSession) -> None:
+    def __init__(
+        self,
+        router: Router,
+        tokens: TokenCache,
+        session: aiohttp.ClientSession,
+        websockets: weakref.WeakSet[web.WebSocketResponse] | None = None,
+    ) -> None:
         self.router = router
         self.tokens = tokens
         self.session = session
+        #: Open client websockets (shutdown closes them).
+        self.websockets: weakref.WeakSet[web.WebSocketResponse] = websockets if websockets is not None else weakref.WeakSet()
         #: Requests being handled now (the in-flight gauge; shutdown reports it).
         self.inflight = 0
 
@@ -65,6 +83,7 @@ class Forwarder:
         try:
             return await self.forward(request)
         except ProxyError as e:
+            request[ERROR_KEY] = e.reason
             if isinstance(e, BodyTooLarge):
                 # The rest of the body was not read: the connection cannot be reused.
                 resp = error_response(e)
@@ -101,6 +120,12 @@ class Forwarder:
             client_ip=request.remote,
             forwarded_host=request.headers.get(hdrs.HOST),
         )
+        proxy_host = request.headers.get(hdrs.HOST)
+        if proxy_host and (hdrs.ORIGIN in headers or hdrs.REFERER in headers):
+            # The upstream sees itself as the origin: CSRF checks compare Origin with their Host.
+            rewrite_same_origin(headers, proxy_host=proxy_host, upstream_origin=route.origin, prefix=r.prefix, base_path=route.base_path)
+        if websocket.is_upgrade(request):
+            return await websocket.relay(request, self.session, url, headers, route, self.websockets)
         loop = asyncio.get_running_loop()
         started = loop.time()
         try:
@@ -141,6 +166,9 @@ class Forwarder:
                     prefix=route.route.prefix,
                     proxy_origin=f"http://{request.host}",
                 )
+            if hdrs.SET_COOKIE in headers:
+                # Cookies for the upstream's domain would be refused by a browser on the proxy.
+                rewrite_set_cookies(headers, upstream_host=route.host)
             out = web.StreamResponse(status=upstream.status, reason=upstream.reason, headers=headers)
             await out.prepare(request)
             try:
@@ -178,4 +206,4 @@ def _client_error(e: BaseException) -> str:
     return redact(f"{type(e).__name__}: {text[:160]}" if text else type(e).__name__)
 
 
-__all__ = ["Forwarder", "BadRequest", "ROUTE_KEY", "error_response", "request_host"]
+__all__ = ["Forwarder", "BadRequest", "ERROR_KEY", "ROUTE_KEY", "error_response", "request_host"]

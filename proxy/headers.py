@@ -136,3 +136,91 @@ def rewrite_location(value: str, *, upstream: str, prefix: str, proxy_origin: st
     if loc.fragment:
         result += f"#{loc.fragment}"
     return result or "/"
+
+
+def _after_own_origin(value: str, proxy_host: str) -> str | None:
+    """What follows ``http(s)://PROXY_HOST`` in ``value`` (path, query), or None if not ours."""
+    lower = value.lower()
+    host = proxy_host.lower()
+    for scheme in ("http://", "https://"):
+        if lower.startswith(scheme) and lower.startswith(host, len(scheme)):
+            rest = value[len(scheme) + len(host) :]
+            # "http://localhost:80801/" or "http://localhost.evil/" is not "http://localhost:8080".
+            if not rest or rest[0] in "/?#":
+                return rest
+    return None
+
+
+def rewrite_origin(value: str, *, proxy_host: str, upstream_origin: str) -> str:
+    """An ``Origin`` naming the proxy (as the client reached it) becomes the upstream's origin.
+
+    Frameworks' CSRF checks (Django compares Origin with its Host) would refuse
+    every same-origin form otherwise. Other origins pass unchanged.
+    """
+    rest = _after_own_origin(value, proxy_host)
+    return upstream_origin if rest == "" else value
+
+
+def rewrite_referer(value: str, *, proxy_host: str, upstream_origin: str, prefix: str, base_path: str) -> str:
+    """A ``Referer`` on the proxy becomes the same page's URL on the upstream.
+
+    Under the route's ``prefix`` the path maps as requests do (prefix off, the
+    upstream's ``base_path`` on); a page outside it keeps its path. Referers on
+    other origins pass unchanged.
+    """
+    rest = _after_own_origin(value, proxy_host)
+    if rest is None:
+        return value
+    rest = rest.partition("#")[0]
+    path, sep, query = rest.partition("?")
+    if prefix == "/":
+        path = base_path + path or "/"
+    elif path == prefix or path.startswith(prefix + "/"):
+        path = base_path + path[len(prefix) :] or "/"
+    else:
+        path = path or "/"
+    return f"{upstream_origin}{path}{sep}{query}"
+
+
+def rewrite_same_origin(headers: CIMultiDict[str], *, proxy_host: str, upstream_origin: str, prefix: str, base_path: str) -> None:
+    """Apply :func:`rewrite_origin` and :func:`rewrite_referer` to upstream-bound headers in place."""
+    origin = headers.get(hdrs.ORIGIN)
+    if origin is not None:
+        headers[hdrs.ORIGIN] = rewrite_origin(origin, proxy_host=proxy_host, upstream_origin=upstream_origin)
+    referer = headers.get(hdrs.REFERER)
+    if referer is not None:
+        headers[hdrs.REFERER] = rewrite_referer(
+            referer, proxy_host=proxy_host, upstream_origin=upstream_origin, prefix=prefix, base_path=base_path
+        )
+
+
+def rewrite_cookie_domain(value: str, *, upstream_host: str) -> str:
+    """Drop a ``Set-Cookie`` ``Domain`` attribute that names the upstream host.
+
+    The browser talks to the proxy (``localhost``, ``app.localhost``), which
+    would reject a cookie for ``hello-abc.a.run.app``; without ``Domain`` the
+    cookie belongs to whatever host the browser used. A Domain naming a parent
+    domain of the upstream counts too; any other Domain is left as it is.
+    """
+    if "domain" not in value.lower():
+        return value
+    parts = value.split(";")
+    kept = [parts[0]]
+    host = upstream_host.lower().strip("[]")
+    changed = False
+    for attribute in parts[1:]:
+        name, _, domain = attribute.partition("=")
+        if name.strip().lower() == "domain":
+            domain = domain.strip().lstrip(".").lower()
+            if domain and (host == domain or host.endswith("." + domain)):
+                changed = True
+                continue
+        kept.append(attribute)
+    return ";".join(kept) if changed else value
+
+
+def rewrite_set_cookies(headers: CIMultiDict[str], *, upstream_host: str) -> None:
+    """Apply :func:`rewrite_cookie_domain` to every ``Set-Cookie`` of a response, in place."""
+    cookies = headers.popall(hdrs.SET_COOKIE, [])
+    for cookie in cookies:
+        headers.add(hdrs.SET_COOKIE, rewrite_cookie_domain(cookie, upstream_host=upstream_host))

@@ -1,0 +1,298 @@
+"""The browser guard: who may make a browser send requests through this proxy.
+
+Anyone who can make a browser send a request to the proxy acts with the
+proxy's Google identity, so the guard runs first on every request (proxied
+ones, websocket upgrades, the proxy's own ``/.proxy/`` pages), before any token
+is fetched or any upstream is contacted:
+
+1. Host allowlist on the raw ``Host`` header (stops DNS rebinding): localhost,
+   127.0.0.1, [::1], ``*.localhost``, the config's ``allowed_hosts`` and route
+   ``host:`` names; case-insensitive, port ignored. Else 403 (400 if malformed).
+2. Cross-site requests are treated as the web treats ``SameSite=Lax`` cookies:
+   an ``Origin`` that is the proxy's own or listed in ``allowed_origins``
+   passes; otherwise ``Sec-Fetch-Site: cross-site``/``same-site`` or any other
+   ``Origin`` (``null`` included) is refused with 403, except a top-level GET or
+   HEAD navigation (unless ``cross_site_navigation: refuse``). Requests without
+   these headers (curl, SDKs, servers) pass.
+3. CORS for ``allowed_origins``: preflights are answered here; on every
+   response the upstream's ``Access-Control-Allow-*`` headers are dropped and,
+   for an allowed origin, the proxy's own are set. The proxy never sends
+   ``Access-Control-Allow-Private-Network``.
+
+All sets are computed once; a request costs a few dictionary lookups.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from collections.abc import Awaitable, Callable, Mapping
+from dataclasses import dataclass
+
+from aiohttp import hdrs, web
+from multidict import CIMultiDict
+
+from .config import Config
+from .errors import BadRequest, Forbidden, ProxyError
+from .forward import ERROR_KEY, error_response
+
+log = logging.getLogger(__name__)
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+#: Host names every proxy accepts: loopback by name and by address.
+LOCAL_HOSTS = frozenset({"localhost", "127.0.0.1", "[::1]"})
+#: Set on a request from an allowed origin: the origin to answer CORS for.
+CORS_ORIGIN = "idtoken_proxy.cors_origin"
+#: Set when the guard answered a preflight itself: its Allow-* headers are the proxy's.
+_PREFLIGHT = "idtoken_proxy.preflight"
+
+#: Response headers the upstream may not set: only the proxy grants CORS.
+#: (Access-Control-Allow-Private-Network is among them: it is never sent.)
+_UPSTREAM_CORS = (
+    hdrs.ACCESS_CONTROL_ALLOW_ORIGIN,
+    hdrs.ACCESS_CONTROL_ALLOW_CREDENTIALS,
+    hdrs.ACCESS_CONTROL_ALLOW_METHODS,
+    hdrs.ACCESS_CONTROL_ALLOW_HEADERS,
+    "Access-Control-Allow-Private-Network",
+)
+_CROSS = frozenset({"cross-site", "same-site"})
+_NAVIGATION_METHODS = frozenset({hdrs.METH_GET, hdrs.METH_HEAD})
+_TOKEN = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+")
+_DNS_NAME = re.compile(r"[a-z0-9_-]+(\.[a-z0-9_-]+)+")
+_BAD_HOST_CHARS = re.compile(r"[\x00-\x20\x7f/\\?#]")
+#: Seconds a browser may cache a preflight answer.
+PREFLIGHT_MAX_AGE = "600"
+
+
+@dataclass(frozen=True, slots=True)
+class Verdict:
+    """What the guard decided about one request."""
+
+    allowed: bool
+    #: 400 or 403 when refused.
+    status: int = 200
+    #: One line for the refusal body and the log.
+    reason: str = ""
+    hint: str | None = None
+    #: The allowed origin to answer CORS for, if the request comes from one.
+    cors_origin: str | None = None
+    #: A CORS preflight from an allowed origin: the guard answers it itself.
+    preflight: bool = False
+
+
+PASS = Verdict(True)
+
+
+def _refuse(status: int, reason: str, hint: str | None = None) -> Verdict:
+    return Verdict(False, status, reason, hint)
+
+
+def _show(value: str) -> str:
+    """A client-sent value, quoted and bounded, for a reason line."""
+    return repr(value[:100] + ("..." if len(value) > 100 else ""))
+
+
+class Guard:
+    """Host allowlist, Origin / Sec-Fetch-* policy and CORS, built once from the config."""
+
+    def __init__(self, config: Config) -> None:
+        exact = set(LOCAL_HOSTS)
+        suffixes = [".localhost"]
+        for name in config.allowed_hosts:
+            name = name.lower().rstrip(".")
+            if name.startswith("*."):
+                suffixes.append(name[1:])
+            else:
+                exact.add(name)
+        # A route's host is where the user means to browse: it is allowed implicitly.
+        for route in config.routes:
+            if route.host:
+                exact.add(route.host.lower().rstrip("."))
+        # So is the address the proxy was told to listen on (unless it is a wildcard).
+        listen = config.listen.host.lower().strip("[]")
+        if listen not in ("", "0.0.0.0", "::"):
+            exact.add(f"[{listen}]" if ":" in listen else listen)
+        self.hosts = frozenset(exact)
+        self.host_suffixes = tuple(suffixes)
+        self.origins = frozenset(config.allowed_origins)
+        self.refuse_navigation = config.cross_site_navigation == "refuse"
+        self._allowed_hint = (
+            "browse to localhost, 127.0.0.1, [::1] or a *.localhost name, or add this name to allowed_hosts"
+        )
+
+    # -- decisions (pure: method and headers in, verdict out) ----------------------
+
+    def host_allowed(self, name: str) -> bool:
+        """Whether a lower-cased host name (no port) may be used to reach the proxy."""
+        if name in self.hosts:
+            return True
+        # A wildcard matches plain DNS names only: "evil@app.localhost" is no name of ours.
+        return name.endswith(self.host_suffixes) and _DNS_NAME.fullmatch(name) is not None
+
+    def check_host(self, value: str | None) -> Verdict:
+        """The Host allowlist (DNS rebinding: a foreign name that resolves to us)."""
+        if value is None:
+            return _refuse(403, "request has no Host header", "send Host: localhost")
+        if not value or _BAD_HOST_CHARS.search(value):
+            return _refuse(400, f"malformed Host header {_show(value)}")
+        lower = value.lower()
+        if lower.startswith("["):
+            end = lower.find("]")
+            if end < 0:
+                return _refuse(400, f"malformed Host header {_show(value)}")
+            name, rest = lower[: end + 1], lower[end + 1 :]
+            if rest and not rest.startswith(":"):
+                return _refuse(400, f"malformed Host header {_show(value)}")
+            port = rest[1:] if rest else None
+        else:
+            name, sep, port_text = lower.rpartition(":")
+            if not sep:
+                name, port = lower, None
+            else:
+                port = port_text
+        if port is not None and not (port.isdigit() and len(port) <= 5 and int(port) <= 65535):
+            return _refuse(400, f"malformed Host header {_show(value)} (bad port)")
+        if not name or name == "[]":
+            return _refuse(400, f"malformed Host header {_show(value)} (no host name)")
+        # "localhost." is localhost (a fully qualified name); only one dot goes.
+        name = name.removesuffix(".")
+        if not self.host_allowed(name):
+            return _refuse(403, f"Host {_show(value)} is not allowed", self._allowed_hint)
+        return PASS
+
+    def check_origin(self, method: str, host: str, headers: Mapping[str, str]) -> Verdict:
+        """The cross-site policy for a request whose Host passed (``host`` as sent)."""
+        origin = headers.get(hdrs.ORIGIN)
+        site = headers.get("Sec-Fetch-Site")
+        if origin is None and site is None:
+            # Not a browser (curl, SDKs, servers), or a browser's own same-origin GET.
+            return PASS
+        if origin is not None:
+            lowered = origin.lower()
+            if _is_own_origin(lowered, host.lower()):
+                return PASS
+            if lowered in self.origins:
+                # An allowed origin wins over Sec-Fetch-Site (another port is "same-site").
+                preflight = method == hdrs.METH_OPTIONS and hdrs.ACCESS_CONTROL_REQUEST_METHOD in headers
+                return Verdict(True, cors_origin=lowered, preflight=preflight)
+            cross = f"Origin {_show(origin)}"
+        elif site in _CROSS:
+            cross = f"Sec-Fetch-Site {site}"
+        else:
+            # same-origin, or none (typed URL, bookmark): the user's own doing.
+            return PASS
+        # Links and OAuth redirects from other sites land here as top-level navigations.
+        if (
+            method in _NAVIGATION_METHODS
+            and headers.get("Sec-Fetch-Mode") == "navigate"
+            and headers.get("Sec-Fetch-Dest") == "document"
+        ):
+            if not self.refuse_navigation:
+                return PASS
+            return _refuse(
+                403,
+                f"cross-site navigation refused ({cross}; cross_site_navigation: refuse)",
+                "open the page from the proxy itself, or set cross_site_navigation: allow",
+            )
+        return _refuse(
+            403,
+            f"cross-site request refused ({cross})",
+            "a page on another origin may not use this proxy's identity; list that origin in allowed_origins to allow it",
+        )
+
+    def decide(self, method: str, headers: Mapping[str, str]) -> Verdict:
+        """Every check, in order: Host, then Origin / Sec-Fetch-*."""
+        host = headers.get(hdrs.HOST)
+        verdict = self.check_host(host)
+        if not verdict.allowed:
+            return verdict
+        assert host is not None
+        return self.check_origin(method, host, headers)
+
+    # -- aiohttp hooks -----------------------------------------------------------
+
+    @web.middleware
+    async def middleware(self, request: web.Request, handler: Handler) -> web.StreamResponse:
+        """Refuse, answer a preflight, or pass the request on (marking an allowed origin)."""
+        verdict = self.decide(request.method, request.headers)
+        if not verdict.allowed:
+            log.info("refused %s %s: %s", request.method, request.raw_path.partition("?")[0][:200], verdict.reason)
+            request[ERROR_KEY] = verdict.reason
+            error = BadRequest(verdict.reason, verdict.hint) if verdict.status == 400 else Forbidden(verdict.reason, verdict.hint)
+            return refusal_response(error)
+        if verdict.cors_origin is not None:
+            request[CORS_ORIGIN] = verdict.cors_origin
+            if verdict.preflight:
+                request[_PREFLIGHT] = True
+                log.debug(
+                    "answered the CORS preflight for %s %s from %s",
+                    request.headers.get(hdrs.ACCESS_CONTROL_REQUEST_METHOD, "")[:20],
+                    request.raw_path.partition("?")[0][:200],
+                    verdict.cors_origin,
+                )
+                return preflight_response(request.headers)
+        return await handler(request)
+
+    async def on_response_prepare(self, request: web.Request, response: web.StreamResponse) -> None:
+        """Replace whatever CORS headers a response carries with the proxy's own."""
+        if response.status == 101:
+            return
+        headers = response.headers
+        if not request.get(_PREFLIGHT):
+            for name in _UPSTREAM_CORS:
+                if name in headers:
+                    del headers[name]
+        origin = request.get(CORS_ORIGIN)
+        if origin is not None:
+            headers[hdrs.ACCESS_CONTROL_ALLOW_ORIGIN] = origin
+            headers[hdrs.ACCESS_CONTROL_ALLOW_CREDENTIALS] = "true"
+        if self.origins:
+            # The answer depends on Origin: caches must not hand one origin's to another.
+            _add_vary(headers, "Origin")
+
+
+def _is_own_origin(origin: str, host: str) -> bool:
+    """``http://HOST`` (or https, behind a TLS terminator) for the Host the request was sent to."""
+    if origin.startswith("http://"):
+        return origin[7:] == host
+    if origin.startswith("https://"):
+        return origin[8:] == host
+    return False
+
+
+def _add_vary(headers: CIMultiDict[str], name: str) -> None:
+    existing = headers.get(hdrs.VARY)
+    if existing is None:
+        headers[hdrs.VARY] = name
+    elif name.lower() not in (v.strip().lower() for v in existing.split(",")) and existing.strip() != "*":
+        headers[hdrs.VARY] = f"{existing}, {name}"
+
+
+def refusal_response(error: ProxyError) -> web.Response:
+    """The guard's answer: the status and a one-line reason (and never CORS headers)."""
+    response = error_response(error)
+    response.headers["X-Content-Type-Options"] = "nosniff"
+    return response
+
+
+def preflight_response(headers: Mapping[str, str]) -> web.Response:
+    """The proxy's own answer to a CORS preflight from an allowed origin.
+
+    The requested method and headers are granted (the origin is trusted); the
+    upstream never sees the preflight, since it would not carry a token an
+    upstream could check and an upstream ``*`` must not decide.
+    """
+    out = {
+        hdrs.ACCESS_CONTROL_MAX_AGE: PREFLIGHT_MAX_AGE,
+        hdrs.VARY: "Origin, Access-Control-Request-Method, Access-Control-Request-Headers",
+    }
+    method = headers.get(hdrs.ACCESS_CONTROL_REQUEST_METHOD, "").strip()
+    if _TOKEN.fullmatch(method):
+        out[hdrs.ACCESS_CONTROL_ALLOW_METHODS] = method
+    requested = [h.strip() for h in headers.get(hdrs.ACCESS_CONTROL_REQUEST_HEADERS, "").split(",") if h.strip()]
+    allowed = [h for h in requested if _TOKEN.fullmatch(h)]
+    if allowed:
+        out[hdrs.ACCESS_CONTROL_ALLOW_HEADERS] = ", ".join(allowed)
+    # Allow-Origin and Allow-Credentials are added by on_response_prepare, like on every answer.
+    return web.Response(status=204, headers=out)
