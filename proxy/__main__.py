@@ -198,15 +198,25 @@ def _resolve(config: Config) -> int:
         status = EXIT_OK
         for ident in identities.values():
             await ident.resolve()
+            for line in ident.report():
+                print(f"credentials: {line}")
         for r in config.routes:
             ident = identities[r.credentials]
             try:
                 m = await ident.fetch(r.audience)
-                print(f"{r.name}: {ident.describe()}, token audience {m.aud}, valid for {m.exp - __import__('time').time():.0f} s")
+                print(
+                    f"{r.name}: audience {r.audience}, source {ident.source}, email {ident.email or 'unknown'}, "
+                    f"token audience {m.aud}, valid for {m.exp - __import__('time').time():.0f} s"
+                )
+                note = ident.audience_note(r.audience, m.aud)
+                if note:
+                    print(f"{r.name}: warning: {note}")
             except Exception as e:  # noqa: BLE001 - reported per route
                 from .tokens import _describe
 
-                print(f"{r.name}: {ident.describe()}: cannot get a token: {_describe(e)}")
+                hint = getattr(e, "hint", None) or ident.hint_for(e)
+                reason = str(e).splitlines()[0] if isinstance(e, CredentialError) else _describe(e)
+                print(f"{r.name}: {ident.describe()}: cannot get a token: {reason}" + (f" (hint: {hint})" if hint else ""))
                 status = EXIT_STARTUP
         return status
 
@@ -233,6 +243,7 @@ def cmd_token(argv: Sequence[str], env: Mapping[str, str]) -> int:
         except ConfigError as e:
             _print_errors(f"{args.config} has errors", e.errors)
             return EXIT_CONFIG
+    ident = None
     try:
         ident = build_identity(creds)
         m = asyncio.run(ident.fetch(args.audience))
@@ -242,8 +253,12 @@ def cmd_token(argv: Sequence[str], env: Mapping[str, str]) -> int:
     except Exception as e:  # noqa: BLE001
         from .tokens import _describe
 
-        print(f"idtoken-proxy: cannot get a token for {args.audience}: {_describe(e)}", file=sys.stderr)
+        hint = ident.hint_for(e) if ident is not None else None
+        print(f"idtoken-proxy: cannot get a token for {args.audience}: {_describe(e)}" + (f"\n  hint: {hint}" if hint else ""), file=sys.stderr)
         return EXIT_STARTUP
+    note = ident.audience_note(args.audience, m.aud)
+    if note:
+        print(f"idtoken-proxy: warning: {note}", file=sys.stderr)
     print(m.token)
     return EXIT_OK
 

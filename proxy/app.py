@@ -136,6 +136,9 @@ async def _token_lifecycle(app: web.Application) -> AsyncIterator[None]:
     state = app[STATE]
     for ident in state.identities.values():
         await ident.resolve()
+        # Which source was picked and why the others were not (credentials: auto).
+        for line in ident.report():
+            log.info("credentials: %s", line)
     for r in state.router.routes:
         ident = state.identities[r.route.credentials]
         log.info(

@@ -16,8 +16,10 @@ from collections.abc import AsyncIterator
 
 import aiohttp
 from aiohttp import hdrs, web
+from multidict import CIMultiDict
+from yarl import URL
 
-from . import websocket
+from . import reauth, websocket
 from .errors import BadRequest, ProxyError, TokenUnavailable, UpstreamError, UpstreamTimeout, redact
 from .headers import (
     downstream_response_headers,
@@ -109,6 +111,9 @@ class Forwarder:
             if cap is not None and length is not None and length > cap:
                 raise BodyTooLarge(f"request body of {length} bytes exceeds max_body_bytes ({cap} bytes)")
             body = request.content if cap is None or length is not None else _capped(request.content, cap)
+            if reauth.should_buffer(r.header, length):
+                # Small bodies are read first so that a 401 can be retried (reauth.py).
+                body = await request.read()
 
         token = await self.tokens.get(route.token_key)
         url = route.upstream_url(rest, target.query)
@@ -128,10 +133,31 @@ class Forwarder:
             return await websocket.relay(request, self.session, url, headers, route, self.websockets)
         loop = asyncio.get_running_loop()
         started = loop.time()
+        upstream = await self._send(route, request.method, url, headers, body)
+        if upstream.status == 401:
+            # At most one retry with a new token, and only where that is safe (reauth.py).
+            upstream = await reauth.retry_on_401(
+                self.tokens,
+                route.token_key,
+                r.header,
+                body,
+                token,
+                upstream,
+                lambda fresh: self._send(route, request.method, url, reauth.with_token(headers, r.header, fresh), body),
+            )
+        # Time to response headers, for the access log and the latency histogram.
+        request[UPSTREAM_SECONDS] = loop.time() - started
+        return await self._relay(request, route, upstream)
+
+    async def _send(
+        self, route: CompiledRoute, method: str, url: URL, headers: CIMultiDict[str], body: object
+    ) -> aiohttp.ClientResponse:
+        """Send one request upstream and wait (bounded) for its response headers."""
+        r = route.route
         try:
             async with asyncio.timeout(r.timeout):
-                upstream = await self.session.request(
-                    request.method,
+                return await self.session.request(
+                    method,
                     url,
                     headers=headers,
                     data=body,
@@ -150,9 +176,6 @@ class Forwarder:
             raise UpstreamError(f"{route.name}: cannot connect to {route.origin} ({e.os_error.strerror or type(e.os_error).__name__})") from None
         except aiohttp.ClientError as e:
             raise UpstreamError(f"{route.name}: upstream {route.origin} failed ({_client_error(e)})") from None
-        # Time to response headers, for the access log and the latency histogram.
-        request[UPSTREAM_SECONDS] = loop.time() - started
-        return await self._relay(request, route, upstream)
 
     async def _relay(self, request: web.Request, route: CompiledRoute, upstream: aiohttp.ClientResponse) -> web.StreamResponse:
         """Send the upstream's response to the client, streaming the body."""
