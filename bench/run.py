@@ -345,6 +345,7 @@ class Results:
     machine: dict[str, str]
     rows: list[Row] = field(default_factory=list)
     extras: dict[str, Any] = field(default_factory=dict)
+    failures: list[str] = field(default_factory=list)
 
     def find(self, mode: str, size: str, target: str, connections: int = WRK_CONNECTIONS) -> Row | None:
         for r in self.rows:
@@ -520,17 +521,28 @@ class Bench:
             assert nginx is not None
             argv = [nginx, "-p", str(self.tmp), "-e", str(self.tmp / "nginx-error.log"), "-c", str(self.tmp / "nginx.conf")]
             proc = self.procs.start("nginx proxy", argv, self._log("nginx-proxy"), cpu=cpu)
-            return proc, self.ports["nginx"], wait_ready(self.procs, proc, self.ports["nginx"], "/100b")
+            return proc, self.ports["nginx"], self._ready(proc, self.ports["nginx"])
         if target == "proxy":
             argv = [sys.executable, "-m", "proxy", "--config", str(self.tmp / "proxy.yaml"), *self.args.proxy_arg]
             proc = self.procs.start("idtoken-proxy", argv, self._log("idtoken-proxy"), cpu=cpu, env=self.proxy_env())
-            return proc, self.ports["proxy"], wait_ready(self.procs, proc, self.ports["proxy"], "/100b")
+            return proc, self.ports["proxy"], self._ready(proc, self.ports["proxy"])
         # --compare NAME=COMMAND: another proxy, for side-by-side figures.
         command = dict(self.args.compare)[target]
         port = free_port()
-        argv = shlex.split(command.format(port=port, upstream=f"http://127.0.0.1:{self.ports['upstream']}", python=sys.executable))
+        config = self.tmp / f"{target}.yaml"
+        config.write_text(PROXY_CONFIG.format(port=port, upstream=self.ports["upstream"], sink=self.ports["sink"]))
+        argv = shlex.split(
+            command.format(port=port, upstream=f"http://127.0.0.1:{self.ports['upstream']}", python=sys.executable, config=config)
+        )
         proc = self.procs.start(target, argv, self._log(target), cpu=cpu, env=self.proxy_env())
-        return proc, port, wait_ready(self.procs, proc, port, "/100b")
+        return proc, port, self._ready(proc, port)
+
+    def _ready(self, proc: subprocess.Popen[bytes], port: int) -> float:
+        try:
+            return wait_ready(self.procs, proc, port, "/100b")
+        except BenchError:
+            self.procs.stop(proc)
+            raise
 
     # ---- measurements
 
@@ -645,6 +657,10 @@ class Bench:
                 try:
                     before = memory_kib(proc.pid)["VmRSS"] if proc else None
                     sampler = RssSampler(proc.pid) if proc else None
+                    if proc is None:
+                        # The direct figures are only a throughput reference, and the first transfer
+                        # after a long run is sometimes several times slower: run it once unmeasured.
+                        (_download if what == "download" else _upload)(port, path, size)
                     start = time.perf_counter()
                     if sampler:
                         sampler.__enter__()
@@ -684,7 +700,12 @@ class Bench:
             try:
                 for size in sizes:
                     for target in targets:
-                        self.measure(mode, size, target)
+                        try:
+                            self.measure(mode, size, target)
+                        except BenchError as e:
+                            # One broken case should not cost the figures of the others.
+                            self.results.failures.append(f"{mode} {size} {LABELS.get(target, target)}: {e}")
+                            print(f"  {mode:<8} {size:<5} {LABELS.get(target, target):<14} FAILED: {e}", flush=True)
                 # Compared with the 64-connection figure of the same mode, so in the first mode only.
                 if "c1000" in extras and mode == modes[0]:
                     self.many_connections(mode, self.args.many)
@@ -839,7 +860,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         default=[],
         metavar="NAME=COMMAND",
         type=_name_command,
-        help="another proxy to measure beside the others; COMMAND may use {port}, {upstream} and {python}",
+        help=(
+            "another proxy to measure beside the others (repeatable); COMMAND may use {port}, {upstream}, {python} "
+            "and {config} (an idtoken-proxy config for {port} with the static token)"
+        ),
     )
     p.add_argument("--json", metavar="FILE", help="also write the results as JSON")
     p.add_argument("--keep", action="store_true", help="keep the temporary directory (configs and logs)")
@@ -912,10 +936,20 @@ def main(argv: list[str] | None = None) -> int:
             shutil.rmtree(tmp, ignore_errors=True)
     print_tables(bench.results, args)
     if args.json:
-        data = {"machine": bench.results.machine, "rows": [asdict(r) | {"cpu_us_per_req": r.cpu_us_per_req} for r in bench.results.rows], "extras": bench.results.extras}
+        data = {
+            "machine": bench.results.machine,
+            "rows": [asdict(r) | {"cpu_us_per_req": r.cpu_us_per_req} for r in bench.results.rows],
+            "extras": bench.results.extras,
+            "failures": bench.results.failures,
+        }
         Path(args.json).write_text(json.dumps(data, indent=2) + "\n")
     if args.keep:
         print(f"\nconfigs and logs kept in {tmp}")
+    if bench.results.failures:
+        print("\n== failed cases", file=sys.stderr)
+        for line in bench.results.failures:
+            print(f"bench: {line}", file=sys.stderr)
+        return 1
     return 0
 
 
