@@ -19,6 +19,7 @@ from aiohttp.test_utils import TestServer
 
 from proxy.app import STATE, ProxyState, make_app
 from proxy.config import Config, parse_config
+from proxy.logs import OBSERVER
 from proxy.server import runner_kwargs
 
 pytest_plugins = ["tests.fakes.fixtures"]
@@ -66,8 +67,12 @@ async def start_proxy() -> AsyncIterator[StartProxy]:
         if not isinstance(config, Config):
             config = parse_config(config)
         app = make_app(config, **kwargs)
-        server = TestServer(app, host="127.0.0.1", port=0, **runner_kwargs(config))
-        await server.start_server()
+        settings = runner_kwargs(config, app.get(OBSERVER))
+        # start_server() sets handler_cancellation itself (and TestServer's own
+        # keyword arguments are not runner settings: they would be ignored).
+        settings.pop("handler_cancellation")
+        server = TestServer(app, host="127.0.0.1", port=0)
+        await server.start_server(**settings)
         servers.append(server)
         running = RunningProxy(server, config)
         if ready:

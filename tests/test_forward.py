@@ -266,7 +266,7 @@ async def test_upstream_error_statuses_pass_through(start_proxy, client, sa_key,
         async with client.get(f"{proxy.url}/status/{code}") as r:
             assert r.status == code
     async with client.head(f"{proxy.url}/bytes/1000", params={"cl": "1"}) as r:
-        assert r.status == 200 and r.headers["Content-Length"] == "1000"
+        assert r.status == 200 and r.headers["Content-Length"] == "1000", await r.text()
         assert await r.read() == b""
 
 

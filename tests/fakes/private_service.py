@@ -357,6 +357,10 @@ async def _bytes(request: web.Request) -> web.StreamResponse:
     else:
         response.enable_chunked_encoding()
     await response.prepare(request)
+    if request.method == hdrs.METH_HEAD:
+        # aiohttp's server would put written bytes on the wire even for HEAD.
+        await response.write_eof()
+        return response
     for start in range(0, n, _CHUNK):
         await response.write(pattern_bytes(min(_CHUNK, n - start), start))
     await response.write_eof()
