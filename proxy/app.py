@@ -123,10 +123,14 @@ async def _client_session(app: web.Application) -> AsyncIterator[None]:
         auto_decompress=False,
         # Per-route timeouts are applied around the wait for response headers only.
         timeout=aiohttp.ClientTimeout(total=None, sock_connect=10),
-        # Honour HTTPS_PROXY / NO_PROXY, as users behind corporate proxies expect.
-        trust_env=True,
+        # HTTPS_PROXY / NO_PROXY are honoured, but resolved once per route by the
+        # forwarder (envproxy.py): trust_env would read them, and ~/.netrc, per request.
+        trust_env=False,
     )
     state.forwarder = Forwarder(state.router, state.tokens, session, websockets=state.websockets)
+    for name, via in state.forwarder.proxies.items():
+        if via is not None:
+            log.info("route %s: upstream requests go through the proxy %s (from the environment)", name, via.describe())
     yield
     await session.close()
 

@@ -20,6 +20,7 @@ from multidict import CIMultiDict
 from yarl import URL
 
 from . import reauth, websocket
+from .envproxy import UpstreamProxy, proxy_for
 from .errors import BadRequest, ProxyError, TokenUnavailable, UpstreamError, UpstreamTimeout, redact
 from .headers import (
     downstream_response_headers,
@@ -75,6 +76,7 @@ class Forwarder:
         self.router = router
         self.tokens = tokens
         self.session = session
+        proxies: dict[str, UpstreamProxy | None] | None = None,
         #: Open client websockets (shutdown closes them).
         self.websockets: weakref.WeakSet[web.WebSocketResponse] = websockets if websockets is not None else weakref.WeakSet()
         #: Requests being handled now (the in-flight gauge; shutdown reports it).
@@ -83,6 +85,11 @@ class Forwarder:
     async def __call__(self, request: web.Request) -> web.StreamResponse:
         self.inflight += 1
         try:
+        #: Each route's outbound proxy (HTTPS_PROXY/NO_PROXY), resolved once: the session
+        #: does not read the environment (or ~/.netrc) per request (envproxy.py).
+        self.proxies: dict[str, UpstreamProxy | None] = (
+            proxies if proxies is not None else {r.name: proxy_for(r.scheme, r.host, r.port) for r in router.routes}
+        )
             return await self.forward(request)
         except ProxyError as e:
             request[ERROR_KEY] = e.reason
@@ -130,7 +137,7 @@ class Forwarder:
             # The upstream sees itself as the origin: CSRF checks compare Origin with their Host.
             rewrite_same_origin(headers, proxy_host=proxy_host, upstream_origin=route.origin, prefix=r.prefix, base_path=route.base_path)
         if websocket.is_upgrade(request):
-            return await websocket.relay(request, self.session, url, headers, route, self.websockets)
+            return await websocket.relay(request, self.session, url, headers, route, self.websockets, self.proxies.get(route.name))
         loop = asyncio.get_running_loop()
         started = loop.time()
         upstream = await self._send(route, request.method, url, headers, body)
@@ -161,6 +168,7 @@ class Forwarder:
                     url,
                     headers=headers,
                     data=body,
+        via = self.proxies.get(route.name)
                     allow_redirects=False,
                     skip_auto_headers=SKIP_AUTO_HEADERS,
                 )
@@ -170,6 +178,8 @@ class Forwarder:
             raise
         except aiohttp.ClientConnectorCertificateError as e:
             raise UpstreamError(f"{route.name}: TLS certificate of {route.origin} not trusted ({type(e.certificate_error).__name__})") from None
+                    proxy=via.url if via else None,
+                    proxy_headers=via.headers if via else None,
         except (aiohttp.ClientSSLError, ssl.SSLError) as e:
             raise UpstreamError(f"{route.name}: TLS failure talking to {route.origin} ({type(e).__name__})") from None
         except aiohttp.ClientConnectorError as e:

@@ -20,6 +20,7 @@ from aiohttp import WSCloseCode, WSMsgType, hdrs, web
 from multidict import CIMultiDict
 from yarl import URL
 
+from .envproxy import UpstreamProxy
 from .errors import BadRequest, ProxyError, UpstreamError, UpstreamTimeout
 from .router import CompiledRoute
 
@@ -68,6 +69,7 @@ async def relay(
     headers: CIMultiDict[str],
     route: CompiledRoute,
     sockets: weakref.WeakSet[web.WebSocketResponse],
+    via: UpstreamProxy | None = None,
 ) -> web.StreamResponse:
     """Proxy one websocket: ``headers`` are the upstream-bound ones (token included)."""
     # A malformed upgrade is refused here, before a connection upstream is opened.
@@ -87,6 +89,8 @@ async def relay(
                 protocols=protocols,
                 autoclose=False,
                 max_msg_size=0,
+                proxy=via.url if via else None,
+                proxy_headers=via.headers if via else None,
                 # No read timeout: a quiet websocket is not a broken one.
                 timeout=aiohttp.ClientWSTimeout(ws_receive=None, ws_close=_WIND_DOWN),
             )
