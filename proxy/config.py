@@ -87,7 +87,7 @@ class Limits:
     header_timeout: float = 10.0
     #: Seconds an idle keep-alive connection is kept open.
     keepalive_timeout: float = 75.0
-    #: Concurrent client connections; further ones wait in the kernel's backlog.
+    #: Concurrent client connections; further ones get a 503 and are closed (limits.py).
     max_connections: int = 1024
     #: Request body cap in bytes; None streams any size.
     max_body_bytes: int | None = None

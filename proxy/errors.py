@@ -32,6 +32,10 @@ class BadRequest(ProxyError):
     status = 400
 
 
+class FramingError(BadRequest):
+    """The request's framing cannot be trusted: answered 400, and the connection closed."""
+
+
 class Forbidden(ProxyError):
     status = 403
 

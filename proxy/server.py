@@ -24,6 +24,7 @@ from aiohttp import WSCloseCode, web
 
 from .app import STATE, make_admin_app
 from .config import Config, is_loopback_host
+from .limits import HardenedRunner
 from .logs import ACCESS, OBSERVER, RequestObserver, access_logger_class
 
 log = logging.getLogger(__name__)
@@ -58,7 +59,8 @@ def runner_kwargs(config: Config, observer: RequestObserver | None = None) -> di
 def make_runner(app: web.Application, config: Config) -> web.AppRunner:
     if STATE in app and not app.frozen and close_websockets not in app.on_shutdown:
         app.on_shutdown.append(close_websockets)
-    return web.AppRunner(app, handle_signals=False, **runner_kwargs(config, app.get(OBSERVER)))
+    # HardenedRunner: head deadline, connection cap, no echo in 400 pages (limits.py).
+    return HardenedRunner(app, limits=config.limits, handle_signals=False, **runner_kwargs(config, app.get(OBSERVER)))
 
 
 async def close_websockets(app: web.Application) -> None:

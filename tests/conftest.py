@@ -18,7 +18,8 @@ from aiohttp import web
 from aiohttp.test_utils import TestServer
 
 from proxy.app import STATE, ProxyState, make_app
-from proxy.config import Config, parse_config
+from proxy.config import Config, Limits, parse_config
+from proxy.limits import HardenedRunner
 from proxy.logs import OBSERVER
 from proxy.server import runner_kwargs
 
@@ -51,6 +52,17 @@ class RunningProxy:
 StartProxy = Callable[..., Awaitable[RunningProxy]]
 
 
+class ProxyTestServer(TestServer):
+    """TestServer with the production runner class (limits, safe 400 page; proxy/limits.py)."""
+
+    def __init__(self, app: web.Application, limits: Limits, **kwargs: Any) -> None:
+        super().__init__(app, **kwargs)
+        self.limits = limits
+
+    async def _make_runner(self, **kwargs: Any) -> HardenedRunner:
+        return HardenedRunner(self.app, limits=self.limits, **kwargs)
+
+
 @pytest.fixture
 async def start_proxy() -> AsyncIterator[StartProxy]:
     """Serve the proxy for a config (YAML text, dict or Config) on 127.0.0.1:<free port>.
@@ -71,7 +83,7 @@ async def start_proxy() -> AsyncIterator[StartProxy]:
         # start_server() sets handler_cancellation itself (and TestServer's own
         # keyword arguments are not runner settings: they would be ignored).
         settings.pop("handler_cancellation")
-        server = TestServer(app, host="127.0.0.1", port=0)
+        server = ProxyTestServer(app, config.limits, host="127.0.0.1", port=0)
         await server.start_server(**settings)
         servers.append(server)
         running = RunningProxy(server, config)
