@@ -21,7 +21,7 @@ from yarl import URL
 
 from . import reauth, websocket
 from .envproxy import UpstreamProxy, proxy_for
-from .errors import BadRequest, ProxyError, TokenUnavailable, UpstreamError, UpstreamTimeout, redact
+from .errors import BadRequest, FramingError, ProxyError, TokenUnavailable, UpstreamError, UpstreamTimeout, redact
 from .headers import (
     downstream_response_headers,
     rewrite_location,
@@ -32,6 +32,7 @@ from .headers import (
 from .logs import UPSTREAM_SECONDS
 from .router import CompiledRoute, Router, split_target
 from .tokens import TokenCache
+from .truncation import LostBodyWatch
 
 log = logging.getLogger(__name__)
 
@@ -72,28 +73,30 @@ class Forwarder:
         tokens: TokenCache,
         session: aiohttp.ClientSession,
         websockets: weakref.WeakSet[web.WebSocketResponse] | None = None,
+        proxies: dict[str, UpstreamProxy | None] | None = None,
     ) -> None:
         self.router = router
         self.tokens = tokens
         self.session = session
-        proxies: dict[str, UpstreamProxy | None] | None = None,
         #: Open client websockets (shutdown closes them).
         self.websockets: weakref.WeakSet[web.WebSocketResponse] = websockets if websockets is not None else weakref.WeakSet()
         #: Requests being handled now (the in-flight gauge; shutdown reports it).
         self.inflight = 0
-
-    async def __call__(self, request: web.Request) -> web.StreamResponse:
-        self.inflight += 1
-        try:
         #: Each route's outbound proxy (HTTPS_PROXY/NO_PROXY), resolved once: the session
         #: does not read the environment (or ~/.netrc) per request (envproxy.py).
         self.proxies: dict[str, UpstreamProxy | None] = (
             proxies if proxies is not None else {r.name: proxy_for(r.scheme, r.host, r.port) for r in router.routes}
         )
+        #: Fails a relayed body whose upstream connection is lost mid-way (truncation.py).
+        self.lost_bodies = LostBodyWatch()
+
+    async def __call__(self, request: web.Request) -> web.StreamResponse:
+        self.inflight += 1
+        try:
             return await self.forward(request)
         except ProxyError as e:
             request[ERROR_KEY] = e.reason
-            if isinstance(e, BodyTooLarge):
+            if isinstance(e, (BodyTooLarge, FramingError)):
                 # The rest of the body was not read: the connection cannot be reused.
                 resp = error_response(e)
                 resp.force_close()
@@ -105,6 +108,9 @@ class Forwarder:
     async def forward(self, request: web.Request) -> web.StreamResponse:
         if request.method == hdrs.METH_CONNECT:
             raise ProxyError("CONNECT is not supported: this is a reverse proxy", status=405)
+        if request.version < aiohttp.HttpVersion11 and hdrs.TRANSFER_ENCODING in request.headers:
+            # RFC 9112 6.1: HTTP/1.0 has no Transfer-Encoding; treat the framing as faulty.
+            raise FramingError("Transfer-Encoding in an HTTP/1.0 request")
         target = split_target(request.raw_path)
         host = request_host(request)
         route, rest = self.router.match(host, target)
@@ -161,6 +167,7 @@ class Forwarder:
     ) -> aiohttp.ClientResponse:
         """Send one request upstream and wait (bounded) for its response headers."""
         r = route.route
+        via = self.proxies.get(route.name)
         try:
             async with asyncio.timeout(r.timeout):
                 return await self.session.request(
@@ -168,9 +175,10 @@ class Forwarder:
                     url,
                     headers=headers,
                     data=body,
-        via = self.proxies.get(route.name)
                     allow_redirects=False,
                     skip_auto_headers=SKIP_AUTO_HEADERS,
+                    proxy=via.url if via else None,
+                    proxy_headers=via.headers if via else None,
                 )
         except TimeoutError:
             raise UpstreamTimeout(f"{route.name}: no response from {route.origin} within {r.timeout:g} s") from None
@@ -178,17 +186,20 @@ class Forwarder:
             raise
         except aiohttp.ClientConnectorCertificateError as e:
             raise UpstreamError(f"{route.name}: TLS certificate of {route.origin} not trusted ({type(e.certificate_error).__name__})") from None
-                    proxy=via.url if via else None,
-                    proxy_headers=via.headers if via else None,
         except (aiohttp.ClientSSLError, ssl.SSLError) as e:
             raise UpstreamError(f"{route.name}: TLS failure talking to {route.origin} ({type(e).__name__})") from None
         except aiohttp.ClientConnectorError as e:
             raise UpstreamError(f"{route.name}: cannot connect to {route.origin} ({e.os_error.strerror or type(e.os_error).__name__})") from None
         except aiohttp.ClientError as e:
+            if isinstance(e.__cause__, ProxyError):
+                # The client's body failed while it streamed up (over max_body_bytes, broken
+                # framing): aiohttp's client wraps the error and aborts the upstream request.
+                raise e.__cause__ from None
             raise UpstreamError(f"{route.name}: upstream {route.origin} failed ({_client_error(e)})") from None
 
     async def _relay(self, request: web.Request, route: CompiledRoute, upstream: aiohttp.ClientResponse) -> web.StreamResponse:
         """Send the upstream's response to the client, streaming the body."""
+        watch = self.lost_bodies.start(upstream)
         try:
             headers = downstream_response_headers(upstream.headers)
             location = headers.get(hdrs.LOCATION)
@@ -207,7 +218,7 @@ class Forwarder:
             try:
                 async for chunk in upstream.content.iter_any():
                     await out.write(chunk)
-            except (aiohttp.ClientPayloadError, aiohttp.ServerDisconnectedError, aiohttp.ClientOSError) as e:
+            except aiohttp.ClientError as e:
                 # Headers are sent: the only honest signal left is to cut the connection,
                 # so the client never mistakes a truncated body for a complete one.
                 log.warning("%s: upstream broke off the response body (%s); aborting the client connection", route.name, _client_error(e))
@@ -217,6 +228,7 @@ class Forwarder:
             await out.write_eof()
             return out
         finally:
+            LostBodyWatch.stop(watch, upstream)
             upstream.release()
 
 
