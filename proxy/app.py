@@ -21,6 +21,7 @@ from .metrics import ProxyMetrics
 from .router import CompiledRoute, Router, compile_route
 from .status import RequestStats, StatusPage
 from .tokens import TokenCache
+from .upstream import LeanClient
 
 log = logging.getLogger(__name__)
 
@@ -127,13 +128,15 @@ async def _client_session(app: web.Application) -> AsyncIterator[None]:
         # forwarder (envproxy.py): trust_env would read them, and ~/.netrc, per request.
         trust_env=False,
     )
-    state.forwarder = Forwarder(state.router, state.tokens, session, websockets=state.websockets)
+    lean = LeanClient()
+    state.forwarder = Forwarder(state.router, state.tokens, session, websockets=state.websockets, lean=lean)
     for name, via in state.forwarder.proxies.items():
         if via is not None:
             log.info("route %s: upstream requests go through the proxy %s (from the environment)", name, via.describe())
     yield
     await session.close()
 
+    lean.close()
 
 async def _token_lifecycle(app: web.Application) -> AsyncIterator[None]:
     """Learn who we are, report the routes, start fetching tokens; stop refreshing on exit."""

@@ -13,10 +13,11 @@ import logging
 import ssl
 import weakref
 from collections.abc import AsyncIterator
+from typing import Any
 
 import aiohttp
 from aiohttp import hdrs, web
-from multidict import CIMultiDict
+from multidict import CIMultiDict, CIMultiDictProxy
 from yarl import URL
 
 from . import reauth, websocket
@@ -33,6 +34,8 @@ from .logs import UPSTREAM_SECONDS
 from .router import CompiledRoute, Router, split_target
 from .tokens import TokenCache
 from .truncation import LostBodyWatch
+from .upstream import METHODS as LEAN_METHODS
+from .upstream import Disconnected, LeanClient, UpstreamProtocolError, request_head, timeout_error, upstream_error
 
 log = logging.getLogger(__name__)
 
@@ -74,6 +77,7 @@ class Forwarder:
         session: aiohttp.ClientSession,
         websockets: weakref.WeakSet[web.WebSocketResponse] | None = None,
         proxies: dict[str, UpstreamProxy | None] | None = None,
+        lean: LeanClient | None = None,
     ) -> None:
         self.router = router
         self.tokens = tokens
@@ -87,6 +91,8 @@ class Forwarder:
         self.proxies: dict[str, UpstreamProxy | None] = (
             proxies if proxies is not None else {r.name: proxy_for(r.scheme, r.host, r.port) for r in router.routes}
         )
+        #: The lean client for GET/HEAD without a body (upstream.py); None: the session only.
+        self.lean = lean
         #: Fails a relayed body whose upstream connection is lost mid-way (truncation.py).
         self.lost_bodies = LostBodyWatch()
 
@@ -147,6 +153,10 @@ class Forwarder:
         loop = asyncio.get_running_loop()
         started = loop.time()
         upstream = await self._send(route, request.method, url, headers, body)
+        if body is None and self.lean is not None and request.method in LEAN_METHODS and self.proxies.get(route.name) is None:
+            head = request_head(request.method, url.raw_path_qs, headers)
+            if head is not None:
+                return await self._forward_lean(request, route, url.raw_path_qs, head, headers, token)
         if upstream.status == 401:
             # At most one retry with a new token, and only where that is safe (reauth.py).
             upstream = await reauth.retry_on_401(
@@ -200,19 +210,77 @@ class Forwarder:
     async def _relay(self, request: web.Request, route: CompiledRoute, upstream: aiohttp.ClientResponse) -> web.StreamResponse:
         """Send the upstream's response to the client, streaming the body."""
         watch = self.lost_bodies.start(upstream)
+    async def _forward_lean(
+        self, request: web.Request, route: CompiledRoute, path_qs: str, head: bytes, headers: CIMultiDict[str], token: str
+    ) -> web.StreamResponse:
+        """GET/HEAD without a body through the lean client (upstream.py); same behaviour."""
+        assert self.lean is not None
+        lean = self.lean
+        r = route.route
+        head_only = request.method == hdrs.METH_HEAD
+
+        async def send(head: bytes) -> Any:
+            try:
+                async with asyncio.timeout(r.timeout):
+                    return await lean.exchange(route, head, head_only)
+            except TimeoutError:
+                raise timeout_error(route) from None
+            except (OSError, Disconnected, UpstreamProtocolError) as e:
+                raise upstream_error(route, e) from None
+
+        def resend(fresh: str) -> Any:
+            again = request_head(request.method, path_qs, reauth.with_token(headers, r.header, fresh))
+            assert again is not None
+            return send(again)
+
+        loop = asyncio.get_running_loop()
+        started = loop.time()
+        conn = await send(head)
+        if conn.status == 401:
+            # At most one retry with a new token, and only where that is safe (reauth.py).
+            conn = await reauth.retry_on_401(self.tokens, route.token_key, r.header, None, token, conn, resend)
+        # Time to response headers, for the access log and the latency histogram.
+        request[UPSTREAM_SECONDS] = loop.time() - started
         try:
-            headers = downstream_response_headers(upstream.headers)
-            location = headers.get(hdrs.LOCATION)
-            if location is not None:
-                headers[hdrs.LOCATION] = rewrite_location(
-                    location,
-                    upstream=route.route.upstream,
-                    prefix=route.route.prefix,
-                    proxy_origin=f"http://{request.host}",
-                )
-            if hdrs.SET_COOKIE in headers:
-                # Cookies for the upstream's domain would be refused by a browser on the proxy.
-                rewrite_set_cookies(headers, upstream_host=route.host)
+            out = web.StreamResponse(status=conn.status, reason=conn.reason, headers=self._response_headers(request, route, conn.headers()))
+            await out.prepare(request)
+            try:
+                while True:
+                    data = await conn.read()
+                    if not data or (conn.complete and not conn.chunks):
+                        break
+                    await out.write(data)
+            except (Disconnected, UpstreamProtocolError) as e:
+                # Headers are sent: the only honest signal left is to cut the connection,
+                # so the client never mistakes a truncated body for a complete one.
+                log.warning("%s: upstream broke off the response body (%s); aborting the client connection", route.name, _client_error(e))
+                if request.transport is not None:
+                    request.transport.abort()
+                return out
+            # A small body that came complete goes out with the headers in one write.
+            await out.write_eof(data)
+            return out
+        finally:
+            lean.release(route, conn)
+
+    def _response_headers(self, request: web.Request, route: CompiledRoute, upstream_headers: CIMultiDictProxy[str]) -> CIMultiDict[str]:
+        """The upstream's response headers as the client gets them."""
+        headers = downstream_response_headers(upstream_headers)
+        location = headers.get(hdrs.LOCATION)
+        if location is not None:
+            headers[hdrs.LOCATION] = rewrite_location(
+                location,
+                upstream=route.route.upstream,
+                prefix=route.route.prefix,
+                proxy_origin=f"http://{request.host}",
+            )
+        if hdrs.SET_COOKIE in headers:
+            # Cookies for the upstream's domain would be refused by a browser on the proxy.
+            rewrite_set_cookies(headers, upstream_host=route.host)
+        return headers
+
+        try:
+            headers = self._response_headers(request, route, upstream.headers)
             out = web.StreamResponse(status=upstream.status, reason=upstream.reason, headers=headers)
             await out.prepare(request)
             try:

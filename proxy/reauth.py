@@ -19,8 +19,8 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Awaitable, Callable
+from typing import Any, Protocol, TypeVar
 
-import aiohttp
 from multidict import CIMultiDict
 
 from .tokens import TokenCache, TokenKey
@@ -30,6 +30,17 @@ log = logging.getLogger(__name__)
 #: Bodies up to this size (with a known Content-Length) are buffered so a 401 can be retried.
 REPLAY_MAX_BYTES = 64 * 1024
 AUTHORIZATION_MODE = "authorization"
+
+
+class Response(Protocol):
+    """What the retry needs of an upstream response (aiohttp's, or the lean client's)."""
+
+    status: int
+
+    def release(self) -> Any: ...
+
+
+R = TypeVar("R", bound=Response)
 
 
 def should_buffer(header_mode: str, content_length: int | None) -> bool:
@@ -48,9 +59,9 @@ async def retry_on_401(
     header_mode: str,
     body: object,
     sent_token: str,
-    response: aiohttp.ClientResponse,
-    resend: Callable[[str], Awaitable[aiohttp.ClientResponse]],
-) -> aiohttp.ClientResponse:
+    response: R,
+    resend: Callable[[str], Awaitable[R]],
+) -> R:
     """The response to relay: ``response`` itself, or that of one retry with a fresh token.
 
     ``resend(token)`` sends the same request again with ``token``; its failures

@@ -1,0 +1,328 @@
+"""A lean upstream client for plain GET and HEAD requests without a body.
+
+Profiles showed aiohttp's ClientSession as the largest cost per proxied request
+(request object, connector, timers, reader and payload machinery). For the
+common case, a request without a body answered by a plain response, this module
+does the same with less: a keep-alive pool of asyncio Protocols per upstream,
+one request head written at once, httptools (llhttp) parsing the response, and
+the body handed over with flow control (reading pauses while the client is
+behind). Everything else (bodies, websockets, routes behind an outbound proxy)
+stays on the ClientSession path in forward.py.
+
+Behaviour matches that path: same error reasons, a stale pooled connection is
+retried once on a fresh one (as aiohttp does for idempotent requests), nothing
+is decompressed, and a connection whose response did not end cleanly is closed,
+never reused.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import ssl
+from typing import Any, cast
+
+import httptools
+from aiohttp import hdrs
+from multidict import CIMultiDict, CIMultiDictProxy
+
+from .errors import UpstreamError, UpstreamTimeout
+from .router import CompiledRoute
+
+#: Methods the lean path carries (without a request body).
+METHODS = frozenset({hdrs.METH_GET, hdrs.METH_HEAD})
+#: Response body bytes held for a slow client before reading from the upstream pauses.
+_HIGH_WATER = 64 * 1024
+#: Idle connections kept per upstream, and how long one may sit idle (below the
+#: usual server keep-alive of 60 s or more, so the upstream rarely closes it first).
+_MAX_IDLE = 256
+_IDLE_SECONDS = 30.0
+
+
+class Disconnected(Exception):
+    """The upstream closed the connection (``received``: whether any response byte came)."""
+
+    def __init__(self, received: bool, exc: BaseException | None = None) -> None:
+        super().__init__("Server disconnected")
+        self.received = received
+        self.exc = exc
+
+
+class _Connection(asyncio.Protocol):
+    """One upstream HTTP/1.1 connection carrying one exchange at a time."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self.loop = loop
+        self.transport: asyncio.Transport | None = None
+        self.closed = False
+        self.idle_since = 0.0
+        self._reset()
+
+    def _reset(self) -> None:
+        self.parser: Any = None
+        self.head: asyncio.Future[None] | None = None
+        self.status = 0
+        self.reason = ""
+        self.raw_headers: list[tuple[bytes, bytes]] = []
+        self.chunks: collections.deque[bytes] = collections.deque()
+        self.buffered = 0
+        self.complete = False
+        self.keep_alive = False
+        self.received = False
+        self.error: BaseException | None = None
+        self.paused = False
+        self.waiter: asyncio.Future[None] | None = None
+        self.head_only = False
+        self.until_eof = False
+
+    # -- asyncio.Protocol ---------------------------------------------------
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        # uvloop's transports do not subclass asyncio.Transport, but have its methods.
+        self.transport = cast(asyncio.Transport, transport)
+
+    def data_received(self, data: bytes) -> None:
+        if self.parser is None or self.complete:
+            # Bytes nobody asked for: the framing is off, the connection unusable.
+            self.close()
+            return
+        self.received = True
+        try:
+            self.parser.feed_data(data)
+        except httptools.HttpParserError as e:
+            self._fail(UpstreamProtocolError(f"invalid HTTP response ({type(e).__name__})"))
+            self.close()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.closed = True
+        self.transport = None
+        if self.parser is not None and not self.complete:
+            if exc is None and self.until_eof and self.head is not None and self.head.done():
+                # A body delimited by the end of the connection has ended.
+                self.on_message_complete()
+            else:
+                self._fail(Disconnected(self.received, exc))
+
+    # -- httptools callbacks --------------------------------------------------
+
+    def on_status(self, status: bytes) -> None:
+        self.reason += status.decode("latin-1")
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        self.raw_headers.append((name, value))
+
+    def on_headers_complete(self) -> None:
+        status = self.parser.get_status_code()
+        if 100 <= status < 200:
+            # Informational (103 Early Hints): not relayed; the real answer follows.
+            self.reason = ""
+            self.raw_headers = []
+            return
+        self.status = status
+        self.keep_alive = bool(self.parser.should_keep_alive())
+        names = {n.lower() for n, _ in self.raw_headers}
+        self.until_eof = (
+            b"content-length" not in names and b"transfer-encoding" not in names and status not in (204, 304)
+        )
+        if self.head_only:
+            # A response to HEAD has no body whatever its headers say; llhttp cannot be
+            # told, so the exchange ends here and the connection is not reused.
+            self.keep_alive = False
+            self.until_eof = False
+            self.complete = True
+        if self.head is not None and not self.head.done():
+            self.head.set_result(None)
+
+    def on_body(self, body: bytes) -> None:
+        self.chunks.append(body)
+        self.buffered += len(body)
+        if self.buffered > _HIGH_WATER and not self.paused and self.transport is not None:
+            self.paused = True
+            self.transport.pause_reading()
+        self._wake()
+
+    def on_message_complete(self) -> None:
+        if self.status == 0:
+            return  # the end of an informational response
+        self.complete = True
+        self._wake()
+
+    # -- the exchange ---------------------------------------------------------
+
+    def send(self, head: bytes, head_only: bool) -> asyncio.Future[None]:
+        """Write a request head; the future resolves when the response head is in."""
+        self._reset()
+        self.head_only = head_only
+        self.parser = httptools.HttpResponseParser(self)
+        self.head = self.loop.create_future()
+        assert self.transport is not None
+        self.transport.write(head)
+        return self.head
+
+    async def read(self) -> bytes:
+        """The next part of the body; b"" at its end. Raises if the upstream broke off."""
+        while not self.chunks:
+            if self.complete:
+                return b""
+            if self.error is not None:
+                raise self.error
+            self.waiter = self.loop.create_future()
+            await self.waiter
+        data = self.chunks[0] if len(self.chunks) == 1 else b"".join(self.chunks)
+        self.chunks.clear()
+        self.buffered = 0
+        if self.paused and self.transport is not None:
+            self.paused = False
+            self.transport.resume_reading()
+        return data
+
+    def headers(self) -> CIMultiDictProxy[str]:
+        """The response headers as aiohttp's client would decode them."""
+        h: CIMultiDict[str] = CIMultiDict()
+        for name, value in self.raw_headers:
+            h.add(name.decode("utf-8", "surrogateescape"), value.decode("utf-8", "surrogateescape"))
+        return CIMultiDictProxy(h)
+
+    def reusable(self) -> bool:
+        return self.complete and self.keep_alive and not self.closed and not self.chunks and self.transport is not None
+
+    def close(self) -> None:
+        self.closed = True
+        if self.transport is not None:
+            self.transport.abort()
+
+    def release(self) -> None:
+        """Drop a response that will not be relayed (a 401 about to be retried)."""
+        self.close()
+
+    def _fail(self, exc: BaseException) -> None:
+        if self.error is None:
+            self.error = exc
+        if self.head is not None and not self.head.done():
+            self.head.set_exception(exc)
+        self._wake()
+
+    def _wake(self) -> None:
+        waiter = self.waiter
+        if waiter is not None:
+            self.waiter = None
+            if not waiter.done():
+                waiter.set_result(None)
+
+
+class UpstreamProtocolError(Exception):
+    """The upstream's bytes are not a valid HTTP/1.1 response."""
+
+
+class LeanClient:
+    """Keep-alive pools of upstream connections, one per route's upstream."""
+
+    def __init__(self) -> None:
+        self._idle: dict[tuple[str, str, int], list[_Connection]] = {}
+        self._ssl: ssl.SSLContext | None = None
+
+    def _ssl_context(self) -> ssl.SSLContext:
+        if self._ssl is None:
+            # Created on first use: a process with only http upstreams never builds one.
+            self._ssl = ssl.create_default_context()
+        return self._ssl
+
+    async def _connect(self, route: CompiledRoute) -> _Connection:
+        loop = asyncio.get_running_loop()
+        tls = route.scheme == "https"
+        _, conn = await loop.create_connection(
+            lambda: _Connection(loop),
+            route.host,
+            route.port,
+            ssl=self._ssl_context() if tls else None,
+            # The certificate must name the route's host, whatever the client asked for.
+            server_hostname=route.host if tls else None,
+        )
+        return conn
+
+    async def exchange(self, route: CompiledRoute, head: bytes, head_only: bool) -> _Connection:
+        """Send ``head`` upstream; return the connection once the response head is in.
+
+        Failures raise UpstreamError/UpstreamTimeout-ready exceptions: OSError and
+        ssl errors from connecting, Disconnected, UpstreamProtocolError.
+        """
+        key = (route.scheme, route.host, route.port)
+        idle = self._idle.get(key)
+        loop = asyncio.get_running_loop()
+        now = loop.time()
+        while idle:
+            conn = idle.pop()
+            if conn.closed or now - conn.idle_since > _IDLE_SECONDS:
+                conn.close()
+                continue
+            try:
+                await self._wait(conn, conn.send(head, head_only))
+                return conn
+            except Disconnected as e:
+                # A pooled connection the upstream had closed: retry on a fresh one
+                # (GET and HEAD are idempotent), as aiohttp's client does.
+                if e.received:
+                    raise
+        conn = await self._connect(route)
+        await self._wait(conn, conn.send(head, head_only))
+        return conn
+
+    @staticmethod
+    async def _wait(conn: _Connection, head: asyncio.Future[None]) -> None:
+        try:
+            await head
+        except BaseException:
+            conn.close()
+            raise
+
+    def release(self, route: CompiledRoute, conn: _Connection) -> None:
+        """Return a connection whose response was read to its end; close anything else."""
+        if not conn.reusable():
+            conn.close()
+            return
+        key = (route.scheme, route.host, route.port)
+        idle = self._idle.setdefault(key, [])
+        if len(idle) >= _MAX_IDLE:
+            conn.close()
+            return
+        conn.parser = None
+        conn.idle_since = asyncio.get_running_loop().time()
+        idle.append(conn)
+
+    def close(self) -> None:
+        """Close every idle connection (shutdown)."""
+        for idle in self._idle.values():
+            for conn in idle:
+                conn.close()
+        self._idle.clear()
+
+
+def request_head(method: str, path_qs: str, headers: CIMultiDict[str]) -> bytes | None:
+    """The request head as bytes, or None if a value would break the framing."""
+    parts = [f"{method} {path_qs} HTTP/1.1\r\n"]
+    for name, value in headers.items():
+        if "\n" in value or "\r" in value or "\n" in name or "\r" in name:
+            return None
+        parts.append(f"{name}: {value}\r\n")
+    parts.append("\r\n")
+    return "".join(parts).encode("utf-8", "surrogateescape")
+
+
+def upstream_error(route: CompiledRoute, e: BaseException) -> UpstreamError:
+    """The 502 for a failure of the lean path, worded as for the ClientSession path."""
+    if isinstance(e, ssl.SSLCertVerificationError):
+        return UpstreamError(f"{route.name}: TLS certificate of {route.origin} not trusted ({type(e).__name__})")
+    if isinstance(e, ssl.SSLError):
+        return UpstreamError(f"{route.name}: TLS failure talking to {route.origin} ({type(e).__name__})")
+    if isinstance(e, OSError):
+        return UpstreamError(f"{route.name}: cannot connect to {route.origin} ({e.strerror or type(e).__name__})")
+    if isinstance(e, Disconnected):
+        return UpstreamError(f"{route.name}: upstream {route.origin} failed (ServerDisconnectedError: Server disconnected)")
+    return UpstreamError(f"{route.name}: upstream {route.origin} failed ({e})")
+
+
+def timeout_error(route: CompiledRoute) -> UpstreamTimeout:
+    return UpstreamTimeout(f"{route.name}: no response from {route.origin} within {route.route.timeout:g} s")
+
+
+__all__ = ["METHODS", "Disconnected", "LeanClient", "UpstreamProtocolError", "request_head", "timeout_error", "upstream_error"]
