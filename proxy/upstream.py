@@ -105,6 +105,11 @@ class _Connection(asyncio.Protocol):
 
     # -- httptools callbacks --------------------------------------------------
 
+    def on_message_begin(self) -> None:
+        if self.complete:
+            # A second response to one request: the upstream's framing is off.
+            raise UpstreamProtocolError("unsolicited response")
+
     def on_status(self, status: bytes) -> None:
         self.reason += status.decode("latin-1")
 

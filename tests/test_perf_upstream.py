@@ -200,3 +200,23 @@ async def test_untrusted_tls_upstream_is_a_502_naming_the_certificate(start_prox
         assert up.heads == []
     finally:
         await up.stop()
+
+
+async def test_an_unsolicited_second_response_closes_the_upstream_connection(start_proxy, sa_key):
+    async def serve(reader, writer, n):
+        while True:
+            await up.head(reader)
+            writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 3\r\n\r\none" + b"HTTP/1.1 200 OK\r\nContent-Length: 3\r\n\r\ntwo")
+            await writer.drain()
+
+    up = await Upstream(serve).start()
+    try:
+        proxy = await start_proxy(_config(sa_key[0], f"http://127.0.0.1:{up.port}"))
+        async with aiohttp.ClientSession() as client:
+            for _ in range(2):
+                async with client.get(f"{proxy.url}/x") as r:
+                    # Each request gets the first answer of a fresh connection, never the stray one.
+                    assert (r.status, await r.read()) == (200, b"one")
+        assert up.connections == 2
+    finally:
+        await up.stop()
