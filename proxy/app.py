@@ -134,9 +134,9 @@ async def _client_session(app: web.Application) -> AsyncIterator[None]:
         if via is not None:
             log.info("route %s: upstream requests go through the proxy %s (from the environment)", name, via.describe())
     yield
+    lean.close()
     await session.close()
 
-    lean.close()
 
 async def _token_lifecycle(app: web.Application) -> AsyncIterator[None]:
     """Learn who we are, report the routes, start fetching tokens; stop refreshing on exit."""
