@@ -150,13 +150,13 @@ class Forwarder:
             rewrite_same_origin(headers, proxy_host=proxy_host, upstream_origin=route.origin, prefix=r.prefix, base_path=route.base_path)
         if websocket.is_upgrade(request):
             return await websocket.relay(request, self.session, url, headers, route, self.websockets, self.proxies.get(route.name))
-        loop = asyncio.get_running_loop()
-        started = loop.time()
-        upstream = await self._send(route, request.method, url, headers, body)
         if body is None and self.lean is not None and request.method in LEAN_METHODS and self.proxies.get(route.name) is None:
             head = request_head(request.method, url.raw_path_qs, headers)
             if head is not None:
                 return await self._forward_lean(request, route, url.raw_path_qs, head, headers, token)
+        loop = asyncio.get_running_loop()
+        started = loop.time()
+        upstream = await self._send(route, request.method, url, headers, body)
         if upstream.status == 401:
             # At most one retry with a new token, and only where that is safe (reauth.py).
             upstream = await reauth.retry_on_401(
@@ -207,9 +207,6 @@ class Forwarder:
                 raise e.__cause__ from None
             raise UpstreamError(f"{route.name}: upstream {route.origin} failed ({_client_error(e)})") from None
 
-    async def _relay(self, request: web.Request, route: CompiledRoute, upstream: aiohttp.ClientResponse) -> web.StreamResponse:
-        """Send the upstream's response to the client, streaming the body."""
-        watch = self.lost_bodies.start(upstream)
     async def _forward_lean(
         self, request: web.Request, route: CompiledRoute, path_qs: str, head: bytes, headers: CIMultiDict[str], token: str
     ) -> web.StreamResponse:
@@ -279,6 +276,9 @@ class Forwarder:
             rewrite_set_cookies(headers, upstream_host=route.host)
         return headers
 
+    async def _relay(self, request: web.Request, route: CompiledRoute, upstream: aiohttp.ClientResponse) -> web.StreamResponse:
+        """Send the upstream's response to the client, streaming the body."""
+        watch = self.lost_bodies.start(upstream)
         try:
             headers = self._response_headers(request, route, upstream.headers)
             out = web.StreamResponse(status=upstream.status, reason=upstream.reason, headers=headers)
