@@ -16,7 +16,7 @@ from .forward import Forwarder
 from .guard import Guard
 from .health import Readiness
 from .identity import Identity, build_identity
-from .logs import OBSERVER
+from .logs import OBSERVER, quiet_token_loggers
 from .metrics import ProxyMetrics
 from .router import CompiledRoute, Router, compile_route
 from .status import RequestStats, StatusPage
@@ -62,6 +62,8 @@ def make_app(
     tokens: TokenCache | None = None,
 ) -> web.Application:
     """Build the proxy application. Tests pass ``identities``/``tokens`` to inject fakes."""
+    # Also when embedded in another program: google-auth's DEBUG records carry tokens.
+    quiet_token_loggers()
     if identities is None:
         identities = build_identities(config)
     if tokens is None:

@@ -35,6 +35,9 @@ _OWN_PAGES = "/.proxy/"
 
 #: google-auth and urllib3 log assertions and token responses at DEBUG.
 _NOISY = ("google.auth", "google.oauth2", "urllib3", "requests", "aiohttp.client")
+#: google-auth's loggers: request logs carry the signed assertion and the
+#: Authorization header (as ``extra`` fields a structured formatter would print).
+_TOKEN_LOGGERS = ("google.auth", "google.oauth2")
 
 #: Python levels to Cloud Logging's LogSeverity names.
 _SEVERITY = {
@@ -203,6 +206,20 @@ def setup_logging(level: str = "info", fmt: str = "text") -> None:
     root.setLevel(level.upper())
     for name in _NOISY:
         logging.getLogger(name).setLevel(logging.WARNING)
+
+
+def quiet_token_loggers() -> None:
+    """Keep google-auth's DEBUG records off where nobody set their level.
+
+    ``setup_logging`` quiets them for the command line; the app factory calls
+    this so that a program embedding the proxy, with its own logging at DEBUG,
+    does not print token requests either. A level set on these loggers
+    explicitly is left alone.
+    """
+    for name in _TOKEN_LOGGERS:
+        logger = logging.getLogger(name)
+        if logger.level == logging.NOTSET:
+            logger.setLevel(logging.WARNING)
 
 
 def _duration(seconds: float) -> str:

@@ -7,7 +7,7 @@ from __future__ import annotations
 import tests.fakes  # noqa: F401  isort: skip
 
 import logging
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -110,3 +110,28 @@ def sa_key(google: Any, tmp_path: Path) -> tuple[Path, str]:
 def _debug_logs(caplog: pytest.LogCaptureFixture) -> None:
     """Every test runs the proxy at DEBUG, so secrets tests see everything it logs."""
     caplog.set_level(logging.DEBUG)
+
+
+@pytest.fixture(autouse=True)
+def _no_issued_token_in_logs(_debug_logs: None, caplog: pytest.LogCaptureFixture, fake_google: Any) -> Iterator[None]:
+    """After every test: no token the fake Google handed out during it appears in a log record.
+
+    Covers every in-process proxy of the whole suite at DEBUG (messages and
+    tracebacks); subprocesses are checked by their own tests (test_secrets.py).
+    """
+    start = len(fake_google.issued)
+    yield
+    issued = fake_google.issued[start:]
+    if not issued:
+        return
+    formatter = logging.Formatter()
+    texts = []
+    for when in ("setup", "call", "teardown"):
+        for record in caplog.get_records(when):
+            texts.append(record.getMessage())
+            if record.exc_info:
+                texts.append(formatter.formatException(record.exc_info))
+    text = "\n".join(texts)
+    # A JWT's signature alone is as good as a leak; its header is the same for every token.
+    leaked = [t for t in issued if t in text or ("." in t and t.rsplit(".", 1)[1] in text)]
+    assert not leaked, f"{len(leaked)} token(s) issued by the fake Google appear in the logs, e.g. {leaked[0][:16]}..."

@@ -148,6 +148,9 @@ class FakeGoogle:
         self.calls: Counter[str] = Counter()
         #: Requests per ``(endpoint, audience)`` for the token-minting endpoints.
         self.calls_by_audience: Counter[tuple[str, str]] = Counter()
+        #: Every token and refresh token handed out, oldest first; never cleared (not
+        #: even by reset()), so a test can check none of its own reached a log.
+        self.issued: list[str] = []
         self._heal_generation = 0
         self._set_defaults()
         app = web.Application()
@@ -263,7 +266,9 @@ class FakeGoogle:
         refresh_token: str | None = None,
     ) -> dict[str, str]:
         """Register a user login; returns the ``authorized_user`` info (gcloud ADC format)."""
-        refresh_token = refresh_token or f"1//fake-refresh-{secrets.token_urlsafe(16)}"
+        if not refresh_token:
+            refresh_token = f"1//fake-refresh-{secrets.token_urlsafe(16)}"
+            self.issued.append(refresh_token)
         with self._lock:
             self._users[refresh_token] = _User(email, client_id, client_secret, refresh_token)
         return {
@@ -294,6 +299,7 @@ class FakeGoogle:
         token = f"ya29.fake-{secrets.token_urlsafe(24)}"
         with self._lock:
             self._access_tokens[token] = (email, time.time() + lifetime)
+            self.issued.append(token)
         return token
 
     def fail(self, endpoint: str, status: int = 503, count: int | None = None) -> None:
@@ -355,7 +361,9 @@ class FakeGoogle:
             payload.update(email=email, email_verified=True)
         payload.update(exp=now + lifetime, iat=now, iss=GOOGLE_ISSUER, sub=sub)
         payload.update(claims)
-        return sign_jwt(payload, key or google_signing_key(), kid=kid)
+        token = sign_jwt(payload, key or google_signing_key(), kid=kid)
+        self.issued.append(token)  # list.append is atomic; callers may hold self._lock
+        return token
 
     def expired_token(self, aud: str, email: str | None = DEFAULT_USER_EMAIL) -> str:
         """A correctly signed token for ``aud`` that expired a minute ago."""
