@@ -114,6 +114,9 @@ class Forwarder:
     async def forward(self, request: web.Request) -> web.StreamResponse:
         if request.method == hdrs.METH_CONNECT:
             raise ProxyError("CONNECT is not supported: this is a reverse proxy", status=405)
+        if request.version.major != 1:
+            # llhttp accepts "HTTP/2.0" in an HTTP/1 request line; this port speaks HTTP/1.x only.
+            raise FramingError(f"HTTP/{request.version.major}.{request.version.minor} is not supported here", status=505)
         if request.version < aiohttp.HttpVersion11 and hdrs.TRANSFER_ENCODING in request.headers:
             # RFC 9112 6.1: HTTP/1.0 has no Transfer-Encoding; treat the framing as faulty.
             raise FramingError("Transfer-Encoding in an HTTP/1.0 request")

@@ -189,6 +189,13 @@ class HardenedRequestHandler(RequestHandler):
         aiohttp's default quotes the offending line in the body and logs it with
         a traceback at ERROR. Other errors (a handler's 500) keep aiohttp's answer.
         """
+        if isinstance(exc, ConnectionError) and (request.transport is None or request.transport.is_closing()):
+            # The client went away while its response was being written: not a server
+            # error, and nothing can be sent (aiohttp drops this response).
+            log.debug("client %s went away before its response was sent (%s)", request.remote, type(exc).__name__)
+            resp = web.Response(status=499)
+            resp.force_close()
+            return resp
         if not isinstance(exc, HttpProcessingError) or status >= 500:
             return super().handle_error(request, status, exc, message)
         status, reason = describe_parse_error(exc, status)

@@ -106,6 +106,14 @@ async def test_smuggling_corpus_is_refused_and_the_connection_closed(proxy, priv
     assert private_service.requests == []
 
 
+async def test_an_http2_version_in_an_http1_request_line_is_505(proxy, private_service):
+    # llhttp parses "HTTP/2.0" in a request line; the proxy forwards HTTP/1.x only.
+    reply, closed = await exchange(proxy.port, b"GET /x HTTP/2.0\r\nHost: localhost\r\n\r\n")
+    assert reply.status == 505 and "HTTP/2.0 is not supported" in reply.text
+    assert closed
+    assert private_service.requests == []
+
+
 async def test_smuggled_second_request_never_reaches_the_upstream(proxy, private_service):
     # CL.TE: a front end going by Content-Length would forward the whole thing as one
     # request; a back end going by chunked would see a second request to /smuggled.
