@@ -32,9 +32,11 @@ from proxy.app import make_app
 from proxy.config import parse_config
 from proxy.server import make_runner
 
-pytestmark = pytest.mark.soak
 
 BUDGET = float(os.environ.get("FUZZ_SECONDS", "45"))
+# The budget plus setup and the last round, within a timeout longer than the suite's default.
+pytestmark = [pytest.mark.soak, pytest.mark.timeout(int(BUDGET) + 180)]
+
 STATUS_LINE = re.compile(rb"HTTP/\d\.\d \d{3} ")
 #: Examples per hypothesis run; runs repeat until the budget is spent.
 ROUND = 200
