@@ -127,7 +127,7 @@ class ProxyServer:
         # while the proxy itself does not listen yet.
         if self.admin_app is not None:
             host, port = config.admin.host, config.admin.port
-            self.admin_runner = web.AppRunner(self.admin_app, handle_signals=False, access_log=None, shutdown_timeout=1.0)
+            self.admin_runner = HardenedRunner(self.admin_app, limits=config.limits, handle_signals=False, access_log=None, shutdown_timeout=1.0)
             await self.admin_runner.setup()
             try:
                 await web.TCPSite(self.admin_runner, host, port, reuse_address=True).start()

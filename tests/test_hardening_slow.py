@@ -308,3 +308,39 @@ async def test_client_leaving_mid_upload_closes_the_upstream_request(start_proxy
     print(f"\nupstream closed {loop.time() - left:.3f} s after the client left mid-upload")
     # The upstream never saw the body's end: it cannot mistake the cut for a complete upload.
     assert not silent_upstream.received.endswith(b"0\r\n\r\n")
+
+
+async def test_the_admin_listener_has_the_same_limits_and_400_page(sa_key, private_service, caplog):
+    """The admin listener may bind the pod address: it gets the hardened server too."""
+    from proxy.app import make_app
+    from proxy.config import parse_config
+    from proxy.server import ProxyServer
+    from tests.rawhttp import exchange
+
+    config = parse_config(
+        sa_config(
+            sa_key[0],
+            {"upstream": private_service.url},
+            listen={"port": 0},
+            admin={"port": 0},
+            limits={"header_timeout": 0.5, "keepalive_timeout": 300},
+        )
+    )
+    server = ProxyServer(make_app(config), config)
+    await server.start()
+    try:
+        admin_port = server.admin_addresses[0][1]
+        assert isinstance(server.admin_runner.server, HardenedServer)
+        secret = b"Basic c2VjcmV0LWFkbWluLXZhbHVl"
+        reply, closed = await exchange(admin_port, b"GET /.proxy/healthz HTTP/1.1\r\nHost: localhost\r\nAuthorization: " + secret + b"\x01\r\n\r\n")
+        assert reply.status == 400 and closed
+        assert secret not in reply.body and secret.decode() not in caplog.text
+        conn = await RawConnection.open(admin_port)
+        try:
+            await conn.send(b"GET /.proxy/healthz HTTP/1.1\r\n")  # and nothing more
+            reply = await conn.response(timeout=15)
+            assert reply.status == 408
+        finally:
+            await conn.close()
+    finally:
+        await server.stop()
