@@ -37,6 +37,10 @@ _HIGH_WATER = 64 * 1024
 #: usual server keep-alive of 60 s or more, so the upstream rarely closes it first).
 _MAX_IDLE = 256
 _IDLE_SECONDS = 30.0
+#: Response head bounds, as aiohttp's client: one field, how many, and in all.
+MAX_FIELD_SIZE = 8190
+MAX_HEADERS = 128
+MAX_HEAD_BYTES = 64 * 1024
 
 
 class Disconnected(Exception):
@@ -64,6 +68,8 @@ class _Connection(asyncio.Protocol):
         self.status = 0
         self.reason = ""
         self.raw_headers: list[tuple[bytes, bytes]] = []
+        self.head_bytes = 0
+        self.head_error: UpstreamProtocolError | None = None
         self.chunks: collections.deque[bytes] = collections.deque()
         self.buffered = 0
         self.complete = False
@@ -90,7 +96,7 @@ class _Connection(asyncio.Protocol):
         try:
             self.parser.feed_data(data)
         except httptools.HttpParserError as e:
-            self._fail(UpstreamProtocolError(f"invalid HTTP response ({type(e).__name__})"))
+            self._fail(self.head_error or UpstreamProtocolError(f"invalid HTTP response ({type(e).__name__})"))
             self.close()
 
     def connection_lost(self, exc: Exception | None) -> None:
@@ -114,6 +120,12 @@ class _Connection(asyncio.Protocol):
         self.reason += status.decode("latin-1")
 
     def on_header(self, name: bytes, value: bytes) -> None:
+        # The same bounds aiohttp's client applies: a hostile upstream must not
+        # push an unbounded head through the proxy's memory.
+        self.head_bytes += len(name) + len(value)
+        if len(name) + len(value) > MAX_FIELD_SIZE or len(self.raw_headers) >= MAX_HEADERS or self.head_bytes > MAX_HEAD_BYTES:
+            self.head_error = UpstreamProtocolError("response headers too large")
+            raise self.head_error
         self.raw_headers.append((name, value))
 
     def on_headers_complete(self) -> None:

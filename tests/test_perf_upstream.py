@@ -220,3 +220,28 @@ async def test_an_unsolicited_second_response_closes_the_upstream_connection(sta
         assert up.connections == 2
     finally:
         await up.stop()
+
+
+@pytest.mark.parametrize(
+    "extra",
+    [
+        b"X-Big: " + b"a" * 200_000 + b"\r\n",
+        b"".join(b"X-H%d: v\r\n" % i for i in range(5000)),
+    ],
+    ids=["one-huge-header", "five-thousand-headers"],
+)
+async def test_an_oversized_response_head_is_a_502(start_proxy, sa_key, extra):
+    async def serve(reader, writer, n):
+        await up.head(reader)
+        writer.write(b"HTTP/1.1 200 OK\r\n" + extra + b"Content-Length: 2\r\n\r\nok")
+        await writer.drain()
+
+    up = await Upstream(serve).start()
+    try:
+        proxy = await start_proxy(_config(sa_key[0], f"http://127.0.0.1:{up.port}"))
+        async with aiohttp.ClientSession() as client:
+            async with client.get(f"{proxy.url}/x") as r:
+                assert r.status == 502
+                assert "response headers too large" in await r.text()
+    finally:
+        await up.stop()
