@@ -30,7 +30,7 @@ from .headers import (
     rewrite_set_cookies,
     upstream_request_headers,
 )
-from .logs import UPSTREAM_SECONDS
+from .logs import ROUTE, UPSTREAM_SECONDS
 from .router import CompiledRoute, Router, split_target
 from .tokens import TokenCache
 from .truncation import LostBodyWatch
@@ -42,9 +42,9 @@ log = logging.getLogger(__name__)
 #: Headers aiohttp's client would otherwise add on its own.
 SKIP_AUTO_HEADERS = frozenset({hdrs.USER_AGENT, hdrs.ACCEPT_ENCODING, hdrs.ACCEPT, hdrs.CONTENT_TYPE})
 
-ROUTE_KEY = "idtoken_proxy.route"
+ROUTE_KEY = ROUTE
 #: The one-line reason of a request the proxy refused or failed (for the status page).
-ERROR_KEY = "idtoken_proxy.error"
+ERROR_KEY = web.RequestKey("error", str)
 
 
 def error_response(exc: ProxyError) -> web.Response:

@@ -43,9 +43,9 @@ Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 #: Host names every proxy accepts: loopback by name and by address.
 LOCAL_HOSTS = frozenset({"localhost", "127.0.0.1", "[::1]"})
 #: Set on a request from an allowed origin: the origin to answer CORS for.
-CORS_ORIGIN = "idtoken_proxy.cors_origin"
+CORS_ORIGIN = web.RequestKey("cors_origin", str)
 #: Set when the guard answered a preflight itself: its Allow-* headers are the proxy's.
-_PREFLIGHT = "idtoken_proxy.preflight"
+_PREFLIGHT = web.RequestKey("preflight", bool)
 
 #: Response headers the upstream may not set: only the proxy grants CORS.
 #: (Access-Control-Allow-Private-Network is among them: it is never sent.)

@@ -28,8 +28,9 @@ from .errors import redact
 ACCESS = logging.getLogger("idtoken_proxy.access")
 
 #: Request keys the proxy handler fills in for the access log and the metrics.
-ROUTE = "idtoken_proxy.route"
-UPSTREAM_SECONDS = "idtoken_proxy.upstream_seconds"
+#: Set by the handler: the route name and the seconds to the upstream's response headers.
+ROUTE = web.RequestKey("route", str)
+UPSTREAM_SECONDS = web.RequestKey("upstream_seconds", float)
 #: The proxy's own pages (health, metrics, status) are not proxied requests.
 _OWN_PAGES = "/.proxy/"
 
