@@ -26,7 +26,7 @@ import httptools
 from aiohttp import hdrs
 from multidict import CIMultiDict, CIMultiDictProxy
 
-from .errors import UpstreamError, UpstreamTimeout
+from .errors import UpstreamError, UpstreamTimeout, redact
 from .router import CompiledRoute
 
 #: Methods the lean path carries (without a request body).
@@ -335,7 +335,8 @@ def upstream_error(route: CompiledRoute, e: BaseException) -> UpstreamError:
         return UpstreamError(f"{route.name}: cannot connect to {route.origin} ({e.strerror or type(e).__name__})")
     if isinstance(e, Disconnected):
         return UpstreamError(f"{route.name}: upstream {route.origin} failed (ServerDisconnectedError: Server disconnected)")
-    return UpstreamError(f"{route.name}: upstream {route.origin} failed ({e})")
+    # Redacted at the source: whatever the exception says, no token leaves in a 502 body.
+    return UpstreamError(redact(f"{route.name}: upstream {route.origin} failed ({e})"))
 
 
 def timeout_error(route: CompiledRoute) -> UpstreamTimeout:
