@@ -6,16 +6,18 @@ import logging
 import weakref
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 import aiohttp
-from aiohttp import web
+from aiohttp import hdrs, web
 
 from . import health, metrics
-from .config import Config, Credentials
+from .config import RESERVED_PREFIX, Config, Credentials
 from .forward import Forwarder
-from .guard import Guard
+from .guard import CORS_ORIGIN, Guard
 from .health import Readiness
 from .identity import Identity, build_identity
+from .limits import FRONT_DOOR
 from .logs import OBSERVER, quiet_token_loggers
 from .metrics import ProxyMetrics
 from .router import CompiledRoute, Router, compile_route
@@ -100,9 +102,62 @@ def make_app(
     # The proxy's own endpoints go before the catch-all route.
     health.add_routes(app, state.readiness)
     metrics.add_routes(app, state.metrics)
-    StatusPage(config, compiled, tokens, RequestStats(r.name for r in compiled)).add_routes(app)
+    stats = RequestStats(r.name for r in compiled)
+    StatusPage(config, compiled, tokens, stats).add_routes(app)
     app.router.add_route("*", "/{tail:.*}", proxy)
+    app[FRONT_DOOR] = ProxyFrontDoor(app, state, guard, stats)
     return app
+
+
+class ProxyFrontDoor:
+    """The main listener's request handler: proxied requests in one pass.
+
+    The Application's router, middlewares and response signals cost more per
+    request than the proxying itself. A request for a proxied path (origin-form,
+    outside ``/.proxy``) that the guard lets through as it is goes straight to
+    the forwarder, and the two response hooks (the guard's CORS headers, the
+    status page's counts) are called directly as its headers go out. Everything
+    else takes the Application's way, where the guard middleware and the same
+    hooks do the same work: the proxy's own pages, refusals and CORS preflights,
+    targets aiohttp's router does not match, and ``Expect`` (aiohttp's handling
+    of ``100-continue`` lives there).
+    """
+
+    def __init__(self, app: web.Application, state: ProxyState, guard: Guard, stats: RequestStats) -> None:
+        self.app = app
+        self.state = state
+        self.guard = guard
+        self.stats = stats
+        door = self
+
+        class ProxyRequest(web.Request):
+            # The hook aiohttp calls as a response's headers go out; requests that
+            # went through the Application (match_info set) get its signals as before.
+            async def _prepare_hook(self, response: web.StreamResponse) -> None:
+                if self._match_info is None:
+                    door.guard.finish_headers(self, response)
+                    door.stats.count(self, response)
+                else:
+                    await super()._prepare_hook(response)
+
+        self._request_class = ProxyRequest
+
+    def make_request(self, message: Any, payload: Any, protocol: Any, writer: Any, task: Any) -> web.BaseRequest:
+        # aiohttp's Application builds its requests here; only the class differs.
+        return self.app._make_request(message, payload, protocol, writer, task, _cls=self._request_class)
+
+    async def handle(self, request: web.BaseRequest) -> web.StreamResponse:
+        raw = request.raw_path
+        headers = request.headers
+        if raw.startswith("/") and not raw.startswith(RESERVED_PREFIX) and hdrs.EXPECT not in headers:
+            verdict = self.guard.decide(request.method, headers)
+            if verdict.allowed and not verdict.preflight:
+                if verdict.cors_origin is not None:
+                    request[CORS_ORIGIN] = verdict.cors_origin
+                forwarder = self.state.forwarder
+                assert forwarder is not None  # set at startup, before the listener opens
+                return await forwarder(request)  # type: ignore[arg-type]
+        return await self.app._handle(request)  # type: ignore[arg-type]
 
 
 def make_admin_app(state: ProxyState) -> web.Application:

@@ -17,7 +17,7 @@ from typing import Any
 
 import aiohttp
 from aiohttp import hdrs, web
-from multidict import CIMultiDict, CIMultiDictProxy
+from multidict import CIMultiDict
 from yarl import URL
 
 from . import reauth, websocket
@@ -138,7 +138,6 @@ class Forwarder:
                 body = await request.read()
 
         token = await self.tokens.get(route.token_key)
-        url = route.upstream_url(rest, target.query)
         headers = upstream_request_headers(
             request.headers,
             host=route.host_header,
@@ -151,12 +150,15 @@ class Forwarder:
         if proxy_host and (hdrs.ORIGIN in headers or hdrs.REFERER in headers):
             # The upstream sees itself as the origin: CSRF checks compare Origin with their Host.
             rewrite_same_origin(headers, proxy_host=proxy_host, upstream_origin=route.origin, prefix=r.prefix, base_path=route.base_path)
-        if websocket.is_upgrade(request):
-            return await websocket.relay(request, self.session, url, headers, route, self.websockets, self.proxies.get(route.name))
-        if body is None and self.lean is not None and request.method in LEAN_METHODS and self.proxies.get(route.name) is None:
-            head = request_head(request.method, url.raw_path_qs, headers)
+        upgrade = websocket.is_upgrade(request)
+        if not upgrade and body is None and self.lean is not None and request.method in LEAN_METHODS and self.proxies.get(route.name) is None:
+            path_qs = route.upstream_target(rest, target.query)
+            head = request_head(request.method, path_qs, headers)
             if head is not None:
-                return await self._forward_lean(request, route, url.raw_path_qs, head, headers, token)
+                return await self._forward_lean(request, route, path_qs, head, headers, token)
+        url = route.upstream_url(rest, target.query)
+        if upgrade:
+            return await websocket.relay(request, self.session, url, headers, route, self.websockets, self.proxies.get(route.name))
         loop = asyncio.get_running_loop()
         started = loop.time()
         upstream = await self._send(route, request.method, url, headers, body)
@@ -218,11 +220,13 @@ class Forwarder:
         lean = self.lean
         r = route.route
         head_only = request.method == hdrs.METH_HEAD
+        loop = asyncio.get_running_loop()
+        started = loop.time()
 
         async def send(head: bytes) -> Any:
             try:
-                async with asyncio.timeout(r.timeout):
-                    return await lean.exchange(route, head, head_only)
+                # The route's timeout bounds the wait for the response head, as on the session path.
+                return await lean.exchange(route, head, head_only, loop.time() + r.timeout)
             except TimeoutError:
                 raise timeout_error(route) from None
             except (OSError, Disconnected, UpstreamProtocolError) as e:
@@ -233,8 +237,6 @@ class Forwarder:
             assert again is not None
             return send(again)
 
-        loop = asyncio.get_running_loop()
-        started = loop.time()
         conn = await send(head)
         if conn.status == 401:
             # At most one retry with a new token, and only where that is safe (reauth.py).
@@ -242,7 +244,7 @@ class Forwarder:
         # Time to response headers, for the access log and the latency histogram.
         request[UPSTREAM_SECONDS] = loop.time() - started
         try:
-            out = web.StreamResponse(status=conn.status, reason=conn.reason, headers=self._response_headers(request, route, conn.headers()))
+            out = web.StreamResponse(status=conn.status, reason=conn.reason, headers=self._response_headers(request, route, conn.client_headers()))
             await out.prepare(request)
             try:
                 while True:
@@ -263,9 +265,8 @@ class Forwarder:
         finally:
             lean.release(route, conn)
 
-    def _response_headers(self, request: web.Request, route: CompiledRoute, upstream_headers: CIMultiDictProxy[str]) -> CIMultiDict[str]:
-        """The upstream's response headers as the client gets them."""
-        headers = downstream_response_headers(upstream_headers)
+    def _response_headers(self, request: web.Request, route: CompiledRoute, headers: CIMultiDict[str]) -> CIMultiDict[str]:
+        """The upstream's response headers (hop-by-hop ones already dropped) as the client gets them."""
         location = headers.get(hdrs.LOCATION)
         if location is not None:
             headers[hdrs.LOCATION] = rewrite_location(
@@ -283,7 +284,7 @@ class Forwarder:
         """Send the upstream's response to the client, streaming the body."""
         watch = self.lost_bodies.start(upstream)
         try:
-            headers = self._response_headers(request, route, upstream.headers)
+            headers = self._response_headers(request, route, downstream_response_headers(upstream.headers))
             out = web.StreamResponse(status=upstream.status, reason=upstream.reason, headers=headers)
             await out.prepare(request)
             try:

@@ -236,6 +236,10 @@ class Guard:
 
     async def on_response_prepare(self, request: web.Request, response: web.StreamResponse) -> None:
         """Replace whatever CORS headers a response carries with the proxy's own."""
+        self.finish_headers(request, response)
+
+    def finish_headers(self, request: web.BaseRequest, response: web.StreamResponse) -> None:
+        """``on_response_prepare``'s work, called directly by the proxy path (app.FrontDoor)."""
         if response.status == 101:
             return
         headers = response.headers

@@ -22,6 +22,10 @@ needs, so this module adds them to the server that accepts client connections:
   forwarded fails that body (the upstream request is aborted) instead of
   leaving the handler waiting for bytes aiohttp will never parse.
 
+An application may also name its own request handler and request factory for
+the server (``FRONT_DOOR``; app.py's proxy path), used instead of the
+Application's router and middlewares.
+
 aiohttp has no hook for the request handler class, so ``HardenedRunner``
 rebuilds the ``web.Server`` that ``AppRunner`` creates as a ``HardenedServer``,
 whose connections are ``HardenedRequestHandler``s. That subclass overrides
@@ -37,7 +41,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import re
-from typing import Any
+from typing import Any, Protocol
 
 from aiohttp import web
 from aiohttp.http_exceptions import BadHttpMethod, HttpProcessingError, LineTooLong
@@ -53,6 +57,18 @@ log = logging.getLogger(__name__)
 _PHRASE = re.compile(r"[A-Za-z][A-Za-z0-9 ,.`'-]{0,120}")
 #: Seconds between two warnings about connections refused for the cap.
 _WARN_EVERY = 10.0
+
+
+class FrontDoor(Protocol):
+    """A server-level request handler an application installs under ``FRONT_DOOR``."""
+
+    async def handle(self, request: web.BaseRequest) -> web.StreamResponse: ...
+
+    def make_request(self, message: Any, payload: Any, protocol: Any, writer: Any, task: Any) -> web.BaseRequest: ...
+
+
+#: Set on an application whose requests the server should hand to a FrontDoor.
+FRONT_DOOR = web.AppKey("front_door", FrontDoor)
 
 
 def describe_parse_error(exc: BaseException | None, status: int) -> tuple[int, str]:
@@ -227,14 +243,14 @@ class HardenedServer(web.Server):
         self._last_warning = -_WARN_EVERY
 
     @classmethod
-    def adopt(cls, server: web.Server, limits: Limits) -> HardenedServer:
-        """A HardenedServer with the handler, factory and settings of ``server``."""
+    def adopt(cls, server: web.Server, limits: Limits, door: FrontDoor | None = None) -> HardenedServer:
+        """A HardenedServer with the handler, factory and settings of ``server`` (or ``door``'s)."""
         # aiohttp's AppRunner builds its Server inside Application._make_handler and
         # offers no way to pass another class: rebuild it with the same arguments.
         return cls(
-            server.request_handler,
+            door.handle if door is not None else server.request_handler,
             limits=limits,
-            request_factory=server.request_factory,
+            request_factory=door.make_request if door is not None else server.request_factory,
             handler_cancellation=server.handler_cancellation,
             loop=server._loop,
             **server._kwargs,
@@ -278,7 +294,7 @@ class HardenedRunner(web.AppRunner):
         self._limits = limits
 
     async def _make_server(self) -> web.Server:
-        return HardenedServer.adopt(await super()._make_server(), self._limits)
+        return HardenedServer.adopt(await super()._make_server(), self._limits, self.app.get(FRONT_DOOR))
 
 
-__all__ = ["HardenedRequestHandler", "HardenedRunner", "HardenedServer", "describe_parse_error"]
+__all__ = ["FRONT_DOOR", "FrontDoor", "HardenedRequestHandler", "HardenedRunner", "HardenedServer", "describe_parse_error"]

@@ -105,7 +105,7 @@ class JsonFormatter(logging.Formatter):
         }
         http = getattr(record, "http_request", None)
         if http is not None:
-            entry["httpRequest"] = http
+            entry["httpRequest"] = http.as_dict() if isinstance(http, HttpRequestFields) else http
             entry["route"] = getattr(record, "route", "-")
             upstream = getattr(record, "upstream_seconds", None)
             if upstream is not None:
@@ -133,6 +133,14 @@ class TextFormatter(logging.Formatter):
         super().__init__("%(asctime)s %(levelname)s %(name)s: %(message)s")
         self._second = -1
         self._head = ""
+
+    def format(self, record: logging.LogRecord) -> str:
+        if record.exc_info or record.exc_text or record.stack_info:
+            return super().format(record)
+        # The format string above, without logging's %-formatting machinery (per access line).
+        record.message = record.getMessage()
+        record.asctime = self.formatTime(record)
+        return f"{record.asctime} {record.levelname} {record.name}: {record.message}"
 
     def formatTime(self, record: logging.LogRecord, datefmt: str | None = None) -> str:  # noqa: N802 - logging's name
         second = int(record.created)
@@ -266,24 +274,10 @@ class AccessLogger(AbstractAccessLogger):
         record = _access_record(
             logger.name, f'{route} "{method} {path}" {status} {bytes_out}B {time * 1000:.1f}ms{upstream_text}'
         )
-        http: dict[str, Any] = {
-            "requestMethod": method,
-            "requestUrl": path,
-            "status": status,
-            "responseSize": str(bytes_out),
-            "latency": _duration(time),
-            "remoteIp": request.remote or "",
-            "protocol": f"HTTP/{request.version.major}.{request.version.minor}",
-        }
-        if bytes_in:
-            # The body only: Cloud Logging's requestSize would include the head, which
-            # aiohttp does not measure.
-            http["requestSize"] = str(bytes_in)
-        agent = request.headers.get(hdrs.USER_AGENT)
-        if agent:
-            http["userAgent"] = redact(agent[:300])
         d = record.__dict__
-        d["http_request"] = http
+        d["http_request"] = HttpRequestFields(
+            method, path, status, bytes_out, time, request.remote, request.version, bytes_in, request.headers.get(hdrs.USER_AGENT)
+        )
         d["route"] = route
         d["upstream_seconds"] = upstream
         d[_CLEAN] = True
@@ -293,6 +287,56 @@ class AccessLogger(AbstractAccessLogger):
     def enabled(self) -> bool:
         # Always called, even with the access log below the level: it also feeds the metrics.
         return True
+
+
+class HttpRequestFields:
+    """An access record's Cloud Logging ``httpRequest``, built only when a formatter asks.
+
+    The text format never does: these are captured as they are, and converted
+    (and the User-Agent redacted) only by ``as_dict``.
+    """
+
+    __slots__ = ("agent", "bytes_in", "bytes_out", "method", "path", "remote", "seconds", "status", "version")
+
+    def __init__(
+        self,
+        method: str,
+        path: str,
+        status: int,
+        bytes_out: int,
+        seconds: float,
+        remote: str | None,
+        version: tuple[int, int],
+        bytes_in: int,
+        agent: str | None,
+    ) -> None:
+        self.method = method
+        self.path = path
+        self.status = status
+        self.bytes_out = bytes_out
+        self.seconds = seconds
+        self.remote = remote
+        self.version = version
+        self.bytes_in = bytes_in
+        self.agent = agent
+
+    def as_dict(self) -> dict[str, Any]:
+        http: dict[str, Any] = {
+            "requestMethod": self.method,
+            "requestUrl": self.path,
+            "status": self.status,
+            "responseSize": str(self.bytes_out),
+            "latency": _duration(self.seconds),
+            "remoteIp": self.remote or "",
+            "protocol": f"HTTP/{self.version[0]}.{self.version[1]}",
+        }
+        if self.bytes_in:
+            # The body only: Cloud Logging's requestSize would include the head, which
+            # aiohttp does not measure.
+            http["requestSize"] = str(self.bytes_in)
+        if self.agent:
+            http["userAgent"] = redact(self.agent[:300])
+        return http
 
 
 #: (thread id, logger name) -> the constant attributes of an access record.

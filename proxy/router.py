@@ -45,6 +45,11 @@ class CompiledRoute:
     def name(self) -> str:
         return self.route.name
 
+    def upstream_target(self, rest: str, query: str) -> str:
+        """``upstream_url(rest, query).raw_path_qs``, without building the URL (the lean path's)."""
+        path = self.base_path + rest or "/"
+        return f"{path}?{query}" if query else path
+
     def upstream_url(self, rest: str, query: str) -> URL:
         """The upstream URL for the raw path remainder ``rest`` and raw ``query``."""
         path = self.base_path + rest or "/"

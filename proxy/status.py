@@ -83,6 +83,10 @@ class RequestStats:
 
     async def on_response_prepare(self, request: web.Request, response: web.StreamResponse) -> None:
         """Count a response as its headers go out (an aiohttp signal receiver)."""
+        self.count(request, response)
+
+    def count(self, request: web.BaseRequest, response: web.StreamResponse) -> None:
+        """``on_response_prepare``'s work, called directly by the proxy path (app.FrontDoor)."""
         reason: str | None = request.get(ERROR_KEY)
         raw_path = request.raw_path
         # The proxy's own pages are not traffic, unless something was refused there.

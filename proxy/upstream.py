@@ -27,8 +27,10 @@ from aiohttp import hdrs
 from multidict import CIMultiDict, CIMultiDictProxy
 
 from .errors import UpstreamError, UpstreamTimeout, redact
+from .headers import HOP_BY_HOP
 from .router import CompiledRoute
 
+_HOP_BY_HOP = frozenset(name.encode() for name in HOP_BY_HOP)
 #: Methods the lean path carries (without a request body).
 METHODS = frozenset({hdrs.METH_GET, hdrs.METH_HEAD})
 #: Response body bytes held for a slow client before reading from the upstream pauses.
@@ -60,6 +62,8 @@ class _Connection(asyncio.Protocol):
         self.transport: asyncio.Transport | None = None
         self.closed = False
         self.idle_since = 0.0
+        #: Fires at the route's deadline unless the response head came first.
+        self.timer: asyncio.TimerHandle | None = None
         self._reset()
 
     def _reset(self) -> None:
@@ -141,6 +145,9 @@ class _Connection(asyncio.Protocol):
         self.until_eof = (
             b"content-length" not in names and b"transfer-encoding" not in names and status not in (204, 304)
         )
+        if self.timer is not None:
+            self.timer.cancel()
+            self.timer = None
         if self.head_only:
             # A response to HEAD has no body whatever its headers say; llhttp cannot be
             # told, so the exchange ends here and the connection is not reused.
@@ -166,15 +173,26 @@ class _Connection(asyncio.Protocol):
 
     # -- the exchange ---------------------------------------------------------
 
-    def send(self, head: bytes, head_only: bool) -> asyncio.Future[None]:
-        """Write a request head; the future resolves when the response head is in."""
+    def send(self, head: bytes, head_only: bool, deadline: float) -> asyncio.Future[None]:
+        """Write a request head; the future resolves when the response head is in.
+
+        It fails with TimeoutError (and the connection is closed) if the head is not
+        in by ``deadline`` (loop time): one timer on the connection, cheaper per
+        request than a timeout context around the wait.
+        """
         self._reset()
         self.head_only = head_only
         self.parser = httptools.HttpResponseParser(self)
         self.head = self.loop.create_future()
+        self.timer = self.loop.call_at(deadline, self._head_timeout)
         assert self.transport is not None
         self.transport.write(head)
         return self.head
+
+    def _head_timeout(self) -> None:
+        self.timer = None
+        self._fail(TimeoutError())
+        self.close()
 
     async def read(self) -> bytes:
         """The next part of the body; b"" at its end. Raises if the upstream broke off."""
@@ -200,11 +218,27 @@ class _Connection(asyncio.Protocol):
             h.add(name.decode("utf-8", "surrogateescape"), value.decode("utf-8", "surrogateescape"))
         return CIMultiDictProxy(h)
 
+    def client_headers(self) -> CIMultiDict[str]:
+        """``downstream_response_headers(self.headers())`` in one pass: decoded, hop-by-hop dropped."""
+        dropped = _HOP_BY_HOP
+        for name, value in self.raw_headers:
+            if name.lower() == b"connection":
+                dropped = dropped | {t.strip().lower() for t in value.split(b",")}
+        h: CIMultiDict[str] = CIMultiDict()
+        for name, value in self.raw_headers:
+            # Names are tokens (llhttp checks): ASCII, so bytes and text lower-case alike.
+            if name.lower() not in dropped:
+                h.add(name.decode("utf-8", "surrogateescape"), value.decode("utf-8", "surrogateescape"))
+        return h
+
     def reusable(self) -> bool:
         return self.complete and self.keep_alive and not self.closed and not self.chunks and self.transport is not None
 
     def close(self) -> None:
         self.closed = True
+        if self.timer is not None:
+            self.timer.cancel()
+            self.timer = None
         if self.transport is not None:
             self.transport.abort()
 
@@ -257,11 +291,12 @@ class LeanClient:
         )
         return conn
 
-    async def exchange(self, route: CompiledRoute, head: bytes, head_only: bool) -> _Connection:
+    async def exchange(self, route: CompiledRoute, head: bytes, head_only: bool, deadline: float) -> _Connection:
         """Send ``head`` upstream; return the connection once the response head is in.
 
         Failures raise UpstreamError/UpstreamTimeout-ready exceptions: OSError and
-        ssl errors from connecting, Disconnected, UpstreamProtocolError.
+        ssl errors from connecting, Disconnected, UpstreamProtocolError, and
+        TimeoutError when no response head came by ``deadline`` (loop time).
         """
         key = (route.scheme, route.host, route.port)
         idle = self._idle.get(key)
@@ -273,15 +308,16 @@ class LeanClient:
                 conn.close()
                 continue
             try:
-                await self._wait(conn, conn.send(head, head_only))
+                await self._wait(conn, conn.send(head, head_only, deadline))
                 return conn
             except Disconnected as e:
                 # A pooled connection the upstream had closed: retry on a fresh one
                 # (GET and HEAD are idempotent), as aiohttp's client does.
                 if e.received:
                     raise
-        conn = await self._connect(route)
-        await self._wait(conn, conn.send(head, head_only))
+        async with asyncio.timeout_at(deadline):
+            conn = await self._connect(route)
+        await self._wait(conn, conn.send(head, head_only, deadline))
         return conn
 
     @staticmethod
@@ -316,13 +352,12 @@ class LeanClient:
 
 def request_head(method: str, path_qs: str, headers: CIMultiDict[str]) -> bytes | None:
     """The request head as bytes, or None if a value would break the framing."""
-    parts = [f"{method} {path_qs} HTTP/1.1\r\n"]
-    for name, value in headers.items():
-        if "\n" in value or "\r" in value or "\n" in name or "\r" in name:
-            return None
-        parts.append(f"{name}: {value}\r\n")
-    parts.append("\r\n")
-    return "".join(parts).encode("utf-8", "surrogateescape")
+    text = "".join([f"{method} {path_qs} HTTP/1.1\r\n", *[f"{name}: {value}\r\n" for name, value in headers.items()], "\r\n"])
+    # One CR LF per line and no other CR or LF anywhere: no value or name splits a line.
+    lines = len(headers) + 2
+    if text.count("\n") != lines or text.count("\r") != lines:
+        return None
+    return text.encode("utf-8", "surrogateescape")
 
 
 def upstream_error(route: CompiledRoute, e: BaseException) -> UpstreamError:

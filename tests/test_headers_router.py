@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+
 import pytest
 from multidict import CIMultiDict
 
@@ -10,6 +12,7 @@ from proxy.errors import BadRequest, NoRoute
 from proxy.headers import downstream_response_headers, rewrite_location, upstream_request_headers
 from proxy.router import Router, compile_route, split_target
 from proxy.tokens import TokenKey
+from proxy.upstream import _Connection
 
 
 def up(headers, mode="authorization"):
@@ -212,3 +215,23 @@ def test_upstream_url_keeps_the_configured_host_and_raw_bytes(upstream, rest, qu
     url = router.routes[0].upstream_url(rest, query)
     assert str(url) == expected
     assert url.host == router.routes[0].host
+    # The lean path's request target, built without the URL, is the URL's own.
+    assert router.routes[0].upstream_target(rest, query) == url.raw_path_qs
+
+
+@pytest.mark.parametrize(
+    "raw",
+    [
+        [(b"Content-Type", b"text/plain"), (b"Content-Length", b"5")],
+        [(b"Connection", b"keep-alive, X-Drop"), (b"X-Drop", b"1"), (b"x-drop", b"2"), (b"X-Keep", b"3")],
+        [(b"Keep-Alive", b"timeout=5"), (b"Transfer-Encoding", b"chunked"), (b"Upgrade", b"h2c"), (b"Trailer", b"X")],
+        [(b"connection", b"close"), (b"CONNECTION", b" Set-Cookie ,,"), (b"Set-Cookie", b"a=1"), (b"Vary", b"Origin")],
+        [(b"X-Bytes", "caf\u00e9".encode()), (b"X-Raw", b"\xff\xfe"), (b"Set-Cookie", b"a=1"), (b"Set-Cookie", b"b=2")],
+    ],
+)
+async def test_lean_response_headers_match_the_session_paths_rule(raw):
+    # The lean path filters while decoding; the session path decodes, then filters.
+    conn = _Connection(asyncio.get_running_loop())
+    conn.raw_headers = raw
+    expected = downstream_response_headers(conn.headers())
+    assert list(conn.client_headers().items()) == list(expected.items())
