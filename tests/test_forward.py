@@ -205,6 +205,27 @@ async def test_large_upload_and_download_stream_intact(start_proxy, client, sa_k
         assert (n, digest.hexdigest()) == (size, pattern_sha256(size))
 
 
+async def test_concurrent_downloads_with_slow_readers_arrive_intact(start_proxy, client, sa_key, private_service):
+    # GET bodies take the lean path, whose connections share one read buffer and
+    # pause reading while a client is behind: interleave many, some read slowly.
+    proxy = await start_proxy(sa_config(sa_key[0], {"upstream": private_service.url}))
+
+    async def fetch(i: int) -> tuple[int, str]:
+        size = 3 * MiB + 7 * i
+        digest, n = hashlib.sha256(), 0
+        async with client.get(f"{proxy.url}/bytes/{size}", params={"cl": str(i % 2)}) as r:
+            assert r.status == 200
+            async for piece in r.content.iter_chunked(48 * 1024 + i):
+                digest.update(piece)
+                n += len(piece)
+                if i % 3 == 0:
+                    await asyncio.sleep(0.002)
+        assert (n, digest.hexdigest()) == (size, pattern_sha256(size)), i
+        return n, digest.hexdigest()
+
+    assert len(await asyncio.gather(*(fetch(i) for i in range(8)))) == 8
+
+
 async def test_content_is_never_decompressed(start_proxy, client, sa_key, private_service):
     import gzip
 
