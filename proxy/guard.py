@@ -82,6 +82,8 @@ class Verdict:
 
 
 PASS = Verdict(True)
+#: Allowed Host values remembered (Guard.check_host).
+_HOST_CACHE_SIZE = 64
 
 
 def _refuse(status: int, reason: str, hint: str | None = None) -> Verdict:
@@ -120,6 +122,8 @@ class Guard:
         self._allowed_hint = (
             "browse to localhost, 127.0.0.1, [::1] or a *.localhost name, or add this name to allowed_hosts"
         )
+        #: Host values seen and allowed: a client sends the same one on every request.
+        self._allowed_host_values: set[str] = set()
 
     # -- decisions (pure: method and headers in, verdict out) ----------------------
 
@@ -132,6 +136,15 @@ class Guard:
 
     def check_host(self, value: str | None) -> Verdict:
         """The Host allowlist (DNS rebinding: a foreign name that resolves to us)."""
+        if value in self._allowed_host_values:
+            return PASS
+        verdict = self._check_host(value)
+        if verdict is PASS and value is not None and len(self._allowed_host_values) < _HOST_CACHE_SIZE:
+            # Bounded: a client cycling through allowed spellings cannot grow it without end.
+            self._allowed_host_values.add(value)
+        return verdict
+
+    def _check_host(self, value: str | None) -> Verdict:
         if value is None:
             return _refuse(403, "request has no Host header", "send Host: localhost")
         if not value or _BAD_HOST_CHARS.search(value):

@@ -120,6 +120,20 @@ def test_host_sets_are_computed_once():
     assert g.host_suffixes == (".localhost", ".corp.test")
 
 
+def test_one_guard_answers_alike_when_asked_again():
+    # Allowed Host values are remembered; refusals never are, and the memory is bounded.
+    g = guard()
+    hosts = ["localhost:8080", "evil.example", "app.localhost", "EVIL.example:1", "localhost:8080", "evil.example", "bad host"]
+    first = [decide(g, "GET", {"Host": h}) for h in hosts]
+    again = [decide(g, "GET", {"Host": h}) for h in hosts]
+    assert [v.allowed for v in first] == [v.allowed for v in again] == [True, False, True, False, True, False, False]
+    assert [v.status for v in first] == [v.status for v in again]
+    for port in range(1, 200):
+        assert decide(g, "GET", {"Host": f"localhost:{port}"}).allowed
+    assert not decide(g, "GET", {"Host": "evil.example"}).allowed
+    assert len(g._allowed_host_values) <= 64
+
+
 # --------------------------------------------------------------------------- Origin / Sec-Fetch-*
 
 H = "localhost:8080"
