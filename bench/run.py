@@ -13,7 +13,10 @@ What it starts, all on 127.0.0.1 and all stopped by their own pid at the end:
   reference every proxy is compared with,
 - idtoken-proxy (``python -m proxy --config ...``) with a static dummy token
   (an unsigned JWT whose ``exp`` is far ahead; the nginx upstream ignores it),
-- for the 1 GiB upload, a small aiohttp sink (bench/sink.py) behind the proxy.
+- for the 1 GiB upload, a small aiohttp sink (bench/sink.py) behind the proxy,
+- for the token-refresh case, a small fake metadata server (bench/metadata.py)
+  whose ID tokens live a few seconds, so the proxy refreshes several times while
+  it is under load.
 
 Load comes from wrk (2 threads, 64 connections). "pinned" puts wrk and the
 upstream nginx on CPU 0 and the proxy under test on CPU 1; "unpinned" lets the
@@ -43,6 +46,7 @@ import sys
 import tempfile
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -53,8 +57,10 @@ INSTALL_HINT = "apt-get install -y nginx-light wrk"
 SIZES = {"100b": 100, "1m": 1 << 20}
 MODES = ("pinned", "unpinned")
 TARGETS = ("direct", "nginx", "proxy")
-EXTRAS = ("startup", "c1000", "idleconn", "bigfile")
-LABELS = {"direct": "direct", "nginx": "nginx-proxy", "proxy": "idtoken-proxy"}
+EXTRAS = ("startup", "c1000", "refresh", "idleconn", "bigfile")
+#: Extras measured under the same pinning as the main table (in the first mode).
+MODE_EXTRAS = ("c1000", "refresh")
+LABELS = {"direct": "direct", "nginx": "nginx-proxy", "proxy": "idtoken-proxy", "proxy-metadata": "idtoken-proxy (metadata)"}
 #: Issue targets, printed beside the measured ratios (the bench never fails on them).
 GOALS = {"100b": ">= 0.14 x nginx-proxy", "1m": ">= 0.75 x direct"}
 
@@ -120,6 +126,17 @@ def free_port() -> int:
 
 def http_get(port: int, path: str, timeout: float = 5.0) -> tuple[int, int]:
     """One GET over a fresh connection: (status, body length)."""
+    status, body = _get(port, path, timeout)
+    return status, len(body)
+
+
+def http_text(port: int, path: str, timeout: float = 5.0) -> tuple[int, str]:
+    """One GET over a fresh connection: (status, body as text)."""
+    status, body = _get(port, path, timeout)
+    return status, body.decode(errors="replace")
+
+
+def _get(port: int, path: str, timeout: float) -> tuple[int, bytes]:
     with socket.create_connection(("127.0.0.1", port), timeout=timeout) as s:
         s.sendall(f"GET {path} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nConnection: close\r\n\r\n".encode())
         data = bytearray()
@@ -127,7 +144,7 @@ def http_get(port: int, path: str, timeout: float = 5.0) -> tuple[int, int]:
             data += chunk
     head, _, body = bytes(data).partition(b"\r\n\r\n")
     status = int(head.split(b" ", 2)[1]) if head.startswith(b"HTTP/1.") else 0
-    return status, len(body)
+    return status, body
 
 
 def wait_ready(procs: Processes, proc: subprocess.Popen[bytes], port: int, path: str, timeout: float = 20.0) -> float:
@@ -168,6 +185,23 @@ def memory_kib(pid: int) -> dict[str, int]:
             if key in ("VmRSS", "VmHWM"):
                 out[key] = int(value.split()[0])
     return out
+
+
+def listen_overflows() -> int | None:
+    """The kernel's count of connections dropped for a full accept queue (TcpExt ListenOverflows).
+
+    Machine-wide, not per socket: other programs' overflows count too.
+    """
+    try:
+        with open("/proc/net/netstat") as f:
+            lines = f.read().splitlines()
+    except OSError:
+        return None
+    for names, values in zip(lines[::2], lines[1::2]):
+        if names.startswith("TcpExt:"):
+            fields = dict(zip(names.split()[1:], values.split()[1:]))
+            return int(fields["ListenOverflows"]) if "ListenOverflows" in fields else None
+    return None
 
 
 class RssSampler:
@@ -257,6 +291,20 @@ def dummy_token(audience: str) -> str:
     return f"{part(header)}.{part(claims)}.c2lnbmF0dXJl"
 
 
+def refresh_lifetime(duration: int) -> int:
+    """ID token lifetime for the refresh case: several refreshes within ``duration`` seconds of load.
+
+    The proxy refreshes a token this short about half way through what is left of
+    its usable life: (seconds left - 5) / 2, less up to 10% jitter
+    (proxy/tokens.py ``refresh_delay`` and ``MIN_TTL``; the metadata source's
+    210 s margin only applies to tokens that live over 420 s). With a lifetime of
+    5 + duration / 2, a refresh comes every duration / 4 seconds or a little
+    sooner: 4 or 5 in the window. Never below 8 s, so a fresh token always has
+    a few seconds more than the 5 s the proxy requires of a token it sends.
+    """
+    return max(8, round(5 + duration / 2))
+
+
 NGINX_COMMON = """\
 daemon off;
 master_process off;
@@ -319,6 +367,16 @@ routes:
     prefix: /sink
 """
 
+# The refresh case: the metadata source, pointed at bench/metadata.py through
+# GCE_METADATA_HOST / GCE_METADATA_IP in the proxy's environment.
+PROXY_METADATA_CONFIG = """\
+# Generated by bench/run.py.
+listen: {{host: 127.0.0.1, port: {port}}}
+credentials: {{source: metadata}}
+routes:
+  - upstream: http://127.0.0.1:{upstream}
+"""
+
 
 # --------------------------------------------------------------------------- results
 
@@ -332,6 +390,8 @@ class Row:
     wrk: WrkResult
     peak_rss_kib: int | None = None
     cpu_s: float | None = None
+    #: ID tokens the identity source handed out during the measured run (refresh case).
+    token_fetches: int | None = None
 
     @property
     def cpu_us_per_req(self) -> float | None:
@@ -410,10 +470,36 @@ def print_tables(res: Results, args: argparse.Namespace) -> None:
         )
     for key in ("c1000",):
         for s in e.get(key, []):
+            overflows = s.get("listen_overflows")
             print(
                 f"{s['connections']} vs {WRK_CONNECTIONS} connections ({s['mode']}, 100b): {s['label']} {s['rps']:.0f} vs {s['rps_64']:.0f} req/s "
-                f"= {s['ratio']:.3f} (issue: >= 0.90 for idtoken-proxy); p99 {_fmt_ms(s['p99_ms'])}; peak RSS {_fmt_mib(s['peak_rss_kib'])}"
+                f"= {s['ratio']:.3f} (issue: >= 0.90 for idtoken-proxy); p99 {_fmt_ms(s['p99_ms'])} vs {_fmt_ms(s['p99_64_ms'])}; "
+                f"peak RSS {_fmt_mib(s['peak_rss_kib'])}"
+                + (f"; listen queue overflows {overflows} (whole machine)" if overflows is not None else "")
             )
+    if "refresh" in e:
+        s = e["refresh"]
+        print(
+            f"token refresh under load ({s['mode']}, 100b, {WRK_CONNECTIONS} connections): static token vs the metadata source "
+            f"with tokens that live {s['lifetime_s']} s"
+        )
+        static = s["rows"][0]
+        for r in s["rows"]:
+            notes = [f"{r['token_fetches']} token fetches"] if r["token_fetches"] is not None else []
+            if r["errors"]:
+                notes.append(f"{r['errors']} socket errors")
+            if r["non_2xx"]:
+                notes.append(f"{r['non_2xx']} non-2xx!")
+            rel = r["rps"] / static["rps"] if static["rps"] else 0.0
+            print(
+                f"  {r['label']:<26} {r['rps']:>8.0f} req/s ({rel:.3f} x static)  p50 {_fmt_ms(r['p50_ms']):>8}  p99 {_fmt_ms(r['p99_ms']):>8}"
+                + (f"  {', '.join(notes)}" if notes else "")
+            )
+        p99_ratio = f"{s['p99_ratio']:.2f}" if s["p99_ratio"] is not None else "n/a"
+        print(
+            f"refresh: p99 with refreshes {_fmt_ms(s['rows'][1]['p99_ms'])} vs static {_fmt_ms(static['p99_ms'])} (ratio {p99_ratio}); "
+            f"{s['fetches_in_window']} token fetches during the window ({s['fetches_total']} in all)"
+        )
     for s in e.get("bigfile", []):
         print(
             f"{s['what']} {s['bytes'] / (1 << 30):.2f} GiB via {s['via']}: {'intact' if s['ok'] else 'BROKEN: ' + s['problem']}, "
@@ -442,8 +528,10 @@ class Bench:
         self.args, self.tools, self.tmp = args, tools, tmp
         self.procs = Processes(tools["taskset"])
         self.token = ""
-        self.ports = {name: free_port() for name in ("upstream", "nginx", "proxy", "sink")}
+        self.ports = {name: free_port() for name in ("upstream", "nginx", "proxy", "sink", "metadata")}
         self.results = Results(machine=machine_info(tools))
+        #: Lifetime of the fake metadata server's ID tokens (refresh extra).
+        self.lifetime = args.token_lifetime or refresh_lifetime(args.duration)
         self._logn = 0
 
     # ---- setup
@@ -467,6 +555,7 @@ class Bench:
         (self.tmp / "proxy.yaml").write_text(
             PROXY_CONFIG.format(port=self.ports["proxy"], upstream=self.ports["upstream"], sink=self.ports["sink"])
         )
+        (self.tmp / "proxy-metadata.yaml").write_text(PROXY_METADATA_CONFIG.format(port=self.ports["proxy"], upstream=self.ports["upstream"]))
 
     def _nginx_conf(self, name: str, body: str) -> None:
         for sub in ("body", "proxy", "fastcgi", "uwsgi", "scgi"):
@@ -501,16 +590,40 @@ class Bench:
 
     def start_sink(self) -> subprocess.Popen[bytes]:
         proc = self.procs.start("sink", [sys.executable, str(ROOT / "bench" / "sink.py"), str(self.ports["sink"])], self._log("sink"))
+        self._listening(proc, self.ports["sink"], "the upload sink")
+        return proc
+
+    def start_metadata(self, lifetime: int, cpu: str | None) -> subprocess.Popen[bytes]:
+        """bench/metadata.py: ID tokens that expire ``lifetime`` seconds after each fetch (``_listening`` waits for it)."""
+        argv = [sys.executable, str(ROOT / "bench" / "metadata.py"), str(self.ports["metadata"]), str(lifetime)]
+        return self.procs.start("fake metadata server", argv, self._log("metadata"), cpu=cpu)
+
+    def _listening(self, proc: subprocess.Popen[bytes], port: int, what: str) -> None:
         deadline = time.monotonic() + 20
         while time.monotonic() < deadline:
             if proc.poll() is not None:
-                raise BenchError(f"the upload sink exited:\n{self.procs.log_tail(proc)}")
+                raise BenchError(f"{what} exited:\n{self.procs.log_tail(proc)}")
             try:
-                socket.create_connection(("127.0.0.1", self.ports["sink"]), timeout=1).close()
-                return proc
+                socket.create_connection(("127.0.0.1", port), timeout=1).close()
+                return
             except OSError:
                 time.sleep(0.02)
-        raise BenchError("the upload sink did not start")
+        self.procs.stop(proc)
+        raise BenchError(f"{what} did not start")
+
+    def metadata_fetches(self) -> int:
+        """Identity tokens the fake metadata server has served so far."""
+        status, body = http_text(self.ports["metadata"], "/bench/fetches")
+        if status != 200:
+            raise BenchError(f"the fake metadata server answered {status} to /bench/fetches")
+        return int(body)
+
+    def metadata_env(self) -> dict[str, str]:
+        """The proxy's environment for the refresh case: google-auth finds the fake metadata server."""
+        env = {k: v for k, v in self.proxy_env().items() if not k.startswith("GCE_")}
+        # google-auth reads GCE_METADATA_HOST for /computeMetadata/v1/... and GCE_METADATA_IP for the ping.
+        env.update(GCE_METADATA_HOST=f"127.0.0.1:{self.ports['metadata']}", GCE_METADATA_IP=f"127.0.0.1:{self.ports['metadata']}")
+        return env
 
     def start_target(self, target: str, cpu: str | None) -> tuple[subprocess.Popen[bytes] | None, int, float]:
         """Start a fresh proxy under test: (process, port, seconds to its first 200)."""
@@ -522,9 +635,10 @@ class Bench:
             argv = [nginx, "-p", str(self.tmp), "-e", str(self.tmp / "nginx-error.log"), "-c", str(self.tmp / "nginx.conf")]
             proc = self.procs.start("nginx proxy", argv, self._log("nginx-proxy"), cpu=cpu)
             return proc, self.ports["nginx"], self._ready(proc, self.ports["nginx"])
-        if target == "proxy":
-            argv = [sys.executable, "-m", "proxy", "--config", str(self.tmp / "proxy.yaml"), *self.args.proxy_arg]
-            proc = self.procs.start("idtoken-proxy", argv, self._log("idtoken-proxy"), cpu=cpu, env=self.proxy_env())
+        if target in ("proxy", "proxy-metadata"):
+            config_name, env = ("proxy.yaml", self.proxy_env()) if target == "proxy" else ("proxy-metadata.yaml", self.metadata_env())
+            argv = [sys.executable, "-m", "proxy", "--config", str(self.tmp / config_name), *self.args.proxy_arg]
+            proc = self.procs.start(LABELS[target], argv, self._log(target), cpu=cpu, env=env)
             return proc, self.ports["proxy"], self._ready(proc, self.ports["proxy"])
         # --compare NAME=COMMAND: another proxy, for side-by-side figures.
         command = dict(self.args.compare)[target]
@@ -557,7 +671,21 @@ class Bench:
             raise BenchError(f"wrk failed ({done.returncode}): {done.stderr.strip() or done.stdout.strip()}")
         return parse_wrk(done.stdout)
 
-    def measure(self, mode: str, size: str, target: str, connections: int = WRK_CONNECTIONS) -> Row:
+    def measure(
+        self,
+        mode: str,
+        size: str,
+        target: str,
+        connections: int = WRK_CONNECTIONS,
+        *,
+        record: bool = True,
+        fetches: Callable[[], int] | None = None,
+    ) -> Row:
+        """One case: a fresh proxy, a warm-up, the measured wrk run.
+
+        ``record``: add the row to the main table. ``fetches``: a counter read
+        right before and after the measured run (the token fetches in the window).
+        """
         load_cpu, proxy_cpu = ("0", "1") if mode == "pinned" else (None, None)
         proc, port, _ = self.start_target(target, proxy_cpu)
         try:
@@ -567,8 +695,11 @@ class Bench:
             if self.args.warmup:
                 self.wrk(port, size, self.args.warmup, connections, load_cpu)
             cpu0 = cpu_seconds(proc.pid) if proc else None
+            fetched0 = fetches() if fetches else None
             result = self.wrk(port, size, self.args.duration, connections, load_cpu)
             row = Row(mode=mode, size=size, target=target, connections=connections, wrk=result)
+            if fetches is not None and fetched0 is not None:
+                row.token_fetches = fetches() - fetched0
             if proc is not None:
                 assert cpu0 is not None
                 row.cpu_s = cpu_seconds(proc.pid) - cpu0
@@ -576,11 +707,13 @@ class Bench:
         finally:
             if proc is not None:
                 self.procs.stop(proc)
-        self.results.rows.append(row)
+        if record:
+            self.results.rows.append(row)
         print(
             f"  {mode:<8} {size:<5} {LABELS.get(target, target):<14} c{connections:<4} {row.wrk.rps:>9.0f} req/s"
             f"  p50 {_fmt_ms(row.wrk.p50_ms)} p99 {_fmt_ms(row.wrk.p99_ms)}"
-            + (f"  peak RSS {_fmt_mib(row.peak_rss_kib)}" if row.peak_rss_kib else ""),
+            + (f"  peak RSS {_fmt_mib(row.peak_rss_kib)}" if row.peak_rss_kib else "")
+            + (f"  {row.token_fetches} token fetches" if row.token_fetches is not None else ""),
             flush=True,
         )
         return row
@@ -628,7 +761,9 @@ class Bench:
         out = []
         for target in ("nginx", "proxy"):
             base = self.results.find(mode, "100b", target) or self.measure(mode, "100b", target)
+            overflows0 = listen_overflows()
             row = self.measure(mode, "100b", target, connections)
+            overflows1 = listen_overflows()
             out.append(
                 {
                     "mode": mode,
@@ -638,10 +773,54 @@ class Bench:
                     "rps_64": base.wrk.rps,
                     "ratio": row.wrk.rps / base.wrk.rps if base.wrk.rps else 0.0,
                     "p99_ms": row.wrk.p99_ms,
+                    "p99_64_ms": base.wrk.p99_ms,
                     "peak_rss_kib": row.peak_rss_kib,
+                    "listen_overflows": None if overflows0 is None or overflows1 is None else overflows1 - overflows0,
                 }
             )
         self.results.extras["c1000"] = out
+
+    def token_refresh(self, mode: str) -> None:
+        """idtoken-proxy with a static token vs with metadata tokens that are refreshed during the run.
+
+        The static figure is the main table's for this mode when this run measured
+        it (as c1000 does), else it is measured right before. Same pinning for both;
+        the fake metadata server shares CPU 0 with wrk and the upstream, so CPU 1
+        carries only the proxy (its event loop and the worker thread google-auth
+        fetches in).
+        """
+        static = self.results.find(mode, "100b", "proxy") or self.measure(mode, "100b", "proxy", record=False)
+        metadata = self.start_metadata(self.lifetime, "0" if mode == "pinned" else None)
+        try:
+            self._listening(metadata, self.ports["metadata"], "the fake metadata server")
+            refreshing = self.measure(mode, "100b", "proxy-metadata", record=False, fetches=self.metadata_fetches)
+            total = self.metadata_fetches()
+        finally:
+            self.procs.stop(metadata)
+        rows = []
+        for row in (static, refreshing):
+            w = row.wrk
+            rows.append(
+                {
+                    "label": "static token" if row is static else "metadata, refreshing",
+                    "rps": w.rps,
+                    "p50_ms": w.p50_ms,
+                    "p99_ms": w.p99_ms,
+                    "requests": w.requests,
+                    "errors": w.errors,
+                    "non_2xx": w.non_2xx,
+                    "token_fetches": row.token_fetches,
+                }
+            )
+        p99_static, p99_refresh = static.wrk.p99_ms, refreshing.wrk.p99_ms
+        self.results.extras["refresh"] = {
+            "mode": mode,
+            "lifetime_s": self.lifetime,
+            "rows": rows,
+            "p99_ratio": p99_refresh / p99_static if p99_static and p99_refresh is not None else None,
+            "fetches_in_window": refreshing.token_fetches,
+            "fetches_total": total,
+        }
 
     def big_transfers(self) -> None:
         size = self.args.big_mib << 20
@@ -692,7 +871,7 @@ class Bench:
     def run(self, modes: list[str], sizes: list[str], targets: list[str], extras: list[str]) -> None:
         self.prepare(need_big="bigfile" in extras)
         for mode in modes:
-            wanted = bool(sizes and targets) or ("c1000" in extras and mode == modes[0])
+            wanted = bool(sizes and targets) or (any(x in extras for x in MODE_EXTRAS) and mode == modes[0])
             if not wanted:
                 continue
             load_cpu = "0" if mode == "pinned" else None
@@ -709,9 +888,12 @@ class Bench:
                 # Compared with the 64-connection figure of the same mode, so in the first mode only.
                 if "c1000" in extras and mode == modes[0]:
                     self.many_connections(mode, self.args.many)
+                # Compared with the static-token figure of the same mode, in the first mode too.
+                if "refresh" in extras and mode == modes[0]:
+                    self.token_refresh(mode)
             finally:
                 self.procs.stop(upstream)
-        rest = [e for e in extras if e != "c1000"]
+        rest = [e for e in extras if e not in MODE_EXTRAS]
         if rest:
             upstream = self.start_upstream(None)
             sink = self.start_sink() if "bigfile" in rest else None
@@ -852,6 +1034,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--warmup", type=int, help="seconds of unmeasured load before each case (default 1, --quick 0)")
     p.add_argument("--only", default="", help="comma-separated subset, e.g. unpinned,100b,nginx,proxy")
     p.add_argument("--many", type=int, default=1000, help="connections for the c1000 and idleconn extras (default 1000)")
+    p.add_argument(
+        "--token-lifetime",
+        type=int,
+        metavar="SECONDS",
+        help="lifetime of the fake metadata server's ID tokens in the refresh extra (default 5 + duration/2, at least 8)",
+    )
     p.add_argument("--big-mib", type=int, default=1024, help="size of the bigfile upload and download in MiB (default 1024)")
     p.add_argument("--proxy-arg", action="append", default=[], metavar="ARG", help="extra argument for idtoken-proxy (repeatable), e.g. --proxy-arg=--log-level=warning")
     p.add_argument(
@@ -874,6 +1062,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         args.warmup = 0 if args.quick else 1
     if args.duration < 1:
         p.error("--duration must be at least 1 (wrk takes whole seconds)")
+    if args.token_lifetime is not None and args.token_lifetime < 7:
+        p.error("--token-lifetime must be at least 7 (the proxy never sends a token with 5 s or less left)")
     only = [x.strip().lower() for x in args.only.split(",") if x.strip()]
     known = {*MODES, *SIZES, *TARGETS, *EXTRAS, *(name for name, _ in args.compare)}
     unknown = [x for x in only if x not in known]

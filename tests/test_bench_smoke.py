@@ -56,8 +56,10 @@ def _tool_env() -> dict[str, str]:
 @pytest.mark.timeout(60)
 def test_quick_run_prints_ratio_and_every_proxied_request_succeeds(clean_env: CleanEnv) -> None:
     _require_tools()
+    # The refresh extra rides along (two more 1 s cases): it is the only case whose
+    # proxy gets its tokens from a running source (bench/metadata.py).
     done = subprocess.run(
-        [sys.executable, str(RUN), "--quick", "--duration", "1", "--only", "unpinned,100b,nginx,proxy"],
+        [sys.executable, str(RUN), "--quick", "--duration", "1", "--only", "unpinned,100b,nginx,proxy,refresh"],
         capture_output=True,
         text=True,
         timeout=50,
@@ -75,6 +77,37 @@ def test_quick_run_prints_ratio_and_every_proxied_request_succeeds(clean_env: Cl
     ratio = re.search(r"^ratio unpinned 100b idtoken-proxy = (\d+\.\d+) x nginx-proxy", out, re.MULTILINE)
     assert ratio is not None, out
     assert float(ratio.group(1)) > 0, out
+
+    refresh_rows = {m.group(1): m for m in re.finditer(r"^  (static token|metadata, refreshing)\s+(\d+) req/s.*$", out, re.MULTILINE)}
+    assert set(refresh_rows) == {"static token", "metadata, refreshing"}, out
+    for name, row in refresh_rows.items():
+        assert int(row.group(2)) > 0, f"{name}: no requests completed\n{out}"
+        assert "non-2xx" not in row.group(0) and "socket errors" not in row.group(0), out
+    summary = re.search(
+        r"^refresh: p99 with refreshes \S+ vs static \S+ \(ratio \d+\.\d+\); (\d+) token fetches during the window \((\d+) in all\)$",
+        out,
+        re.MULTILINE,
+    )
+    assert summary is not None, out
+    # Every 200 needed a token and the fake was the only source; how many refreshes
+    # fall into a 1 s window is timing, so that is not asserted.
+    assert 1 <= int(summary.group(2)), out
+    assert int(summary.group(1)) <= int(summary.group(2)), out
+
+
+@pytest.mark.parametrize("duration", [6, 10, 20, 60])
+def test_refresh_lifetime_gives_at_least_three_refreshes_per_window(duration: int) -> None:
+    from proxy.identity import MetadataIdentity
+    from proxy.tokens import MIN_TTL, refresh_delay
+
+    lifetime = bench.refresh_lifetime(duration)
+    # A fresh token is sendable for a while, and the proxy plans its refresh from
+    # tokens.py's short-token rule (the metadata margin applies only to longer ones).
+    assert lifetime - MIN_TTL >= 2
+    assert lifetime <= 2 * MetadataIdentity.refresh_margin
+    # The longest gap between two fetches: a token fetched with its whole lifetime left.
+    longest = max(refresh_delay(lifetime, MetadataIdentity.refresh_margin) for _ in range(200))
+    assert duration / longest >= 3
 
 
 def test_missing_tool_exits_nonzero_with_install_hint(clean_env: CleanEnv, tmp_path: Path) -> None:
@@ -130,7 +163,8 @@ def test_parse_wrk_without_failure_lines() -> None:
 @pytest.mark.parametrize(
     ("only", "expected"),
     [
-        ("", (["pinned", "unpinned"], ["100b", "1m"], ["direct", "nginx", "proxy"], ["startup", "c1000", "idleconn", "bigfile"])),
+        ("", (["pinned", "unpinned"], ["100b", "1m"], ["direct", "nginx", "proxy"], ["startup", "c1000", "refresh", "idleconn", "bigfile"])),
+        ("refresh", (["pinned", "unpinned"], [], [], ["refresh"])),
         ("unpinned,100b", (["unpinned"], ["100b"], ["direct", "nginx", "proxy"], [])),
         ("bigfile", (["pinned", "unpinned"], [], [], ["bigfile"])),
         ("pinned,1m,proxy,c1000", (["pinned"], ["1m"], ["proxy"], ["c1000"])),
