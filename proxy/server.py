@@ -31,6 +31,13 @@ log = logging.getLogger(__name__)
 
 #: Exit status when a second signal cuts the graceful shutdown short.
 EXIT_FORCED = 1
+#: Listen backlog of the main listener. aiohttp's default of 128 overflows when
+#: many clients connect at once (a load test, a test runner's browsers, a mesh
+#: reconnecting): the kernel drops the handshakes beyond it and each of those
+#: clients waits out a SYN retransmit (1 s, then 3 s, 7 s). The kernel caps the
+#: value at net.core.somaxconn (4096 by default since Linux 5.4), so this asks
+#: for what the system allows, as Go's net.Listen does.
+LISTEN_BACKLOG = 4096
 
 
 class StartupError(Exception):
@@ -109,7 +116,7 @@ class ProxyServer:
         # The app's startup resolves identities and starts fetching tokens (without waiting).
         await self.runner.setup()
         self._started = True
-        site = web.TCPSite(self.runner, config.listen.host, config.listen.port, reuse_address=True)
+        site = web.TCPSite(self.runner, config.listen.host, config.listen.port, reuse_address=True, backlog=LISTEN_BACKLOG)
         try:
             await site.start()
         except OSError as e:
