@@ -15,6 +15,7 @@ the process exits 0. A second signal exits at once.
 from __future__ import annotations
 
 import asyncio
+import gc
 import logging
 import os
 import signal
@@ -22,6 +23,7 @@ from typing import Any
 
 from aiohttp import WSCloseCode, web
 
+from .accept import BatchAcceptSite
 from .app import STATE, make_admin_app
 from .config import Config, is_loopback_host
 from .limits import HardenedRunner
@@ -38,6 +40,29 @@ EXIT_FORCED = 1
 #: value at net.core.somaxconn (4096 by default since Linux 5.4), so this asks
 #: for what the system allows, as Go's net.Listen does.
 LISTEN_BACKLOG = 4096
+
+
+#: The cyclic garbage collector's thresholds while serving (see tune_gc).
+GC_THRESHOLDS = (10_000, 10, 10)
+
+
+def tune_gc() -> None:
+    """Tune the cyclic garbage collector for serving; the command line calls it once, before the loop starts.
+
+    Measured under load (bench/run.py, 100 B responses): with Python's defaults
+    (700, 10, 10) collections took about 6 % of the CPU at 64 connections and
+    about 18 % at 1,000: full collections walking every object the imports
+    created, and older-generation ones walking the objects of requests in
+    flight, promoted by frequent young collections. Freezing what exists at
+    startup (imported modules, the app) takes those out of every collection,
+    and a larger first generation lets most request objects go by reference
+    counting before a collection sees them: under 0.5 % of the CPU at 64
+    connections, about 10 % at 1,000. Only objects in reference cycles wait
+    for the collector, and the first generation holds at most 10,000.
+    """
+    gc.collect()
+    gc.freeze()
+    gc.set_threshold(*GC_THRESHOLDS)
 
 
 class StartupError(Exception):
@@ -116,7 +141,8 @@ class ProxyServer:
         # The app's startup resolves identities and starts fetching tokens (without waiting).
         await self.runner.setup()
         self._started = True
-        site = web.TCPSite(self.runner, config.listen.host, config.listen.port, reuse_address=True, backlog=LISTEN_BACKLOG)
+        # Accepts connections in batches: uvloop's own accept takes one per loop turn (accept.py).
+        site = BatchAcceptSite(self.runner, config.listen.host, config.listen.port, backlog=LISTEN_BACKLOG)
         try:
             await site.start()
         except OSError as e:

@@ -6,7 +6,7 @@
 #   bash tests/run.sh -- ARGS    extra arguments for pytest (e.g. -- -k websocket)
 #
 # Debian packages (chromium for the browser tests, nginx-light and wrk for the
-# benchmark smoke run) are installed with apt-get where missing; Python packages
+# benchmark smoke run, iproute2 for ss) are installed with apt-get where missing; Python packages
 # go into .venv from the project's `test` extra.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -27,6 +27,8 @@ if [ "$quick" = 0 ]; then
   command -v chromium >/dev/null 2>&1 || missing+=(chromium)
   { command -v nginx >/dev/null 2>&1 || [ -x /usr/sbin/nginx ]; } || missing+=(nginx-light)
   command -v wrk >/dev/null 2>&1 || missing+=(wrk)
+  # ss reads the main listener's accept queue (tests/test_server_backlog.py).
+  { command -v ss >/dev/null 2>&1 || [ -x /usr/sbin/ss ] || [ -x /bin/ss ]; } || missing+=(iproute2)
 fi
 if [ ${#missing[@]} -gt 0 ]; then
   if command -v apt-get >/dev/null 2>&1; then
