@@ -277,7 +277,7 @@ def cmd_serve(argv: Sequence[str], env: Mapping[str, str]) -> int:
     setup_logging(config.log.level, config.log.format)
 
     from .app import build_identities, make_app
-    from .server import StartupError, serve
+    from .server import StartupError, serve, tune_gc
 
     try:
         identities = build_identities(config)
@@ -286,6 +286,8 @@ def cmd_serve(argv: Sequence[str], env: Mapping[str, str]) -> int:
         print(f"idtoken-proxy: {e}", file=sys.stderr)
         return EXIT_STARTUP
     try:
+        # Imports done and the app built: what exists now lives as long as the process.
+        tune_gc()
         _run(serve(app, config))
     except StartupError as e:
         print(f"idtoken-proxy: {e}", file=sys.stderr)
