@@ -121,6 +121,11 @@ class ProxyFrontDoor:
     hooks do the same work: the proxy's own pages, refusals and CORS preflights,
     targets aiohttp's router does not match, and ``Expect`` (aiohttp's handling
     of ``100-continue`` lives there).
+
+    aiohttp has no public hook for this: the door calls the Application's
+    ``_make_request`` (with its ``_cls`` argument) and ``_handle``, and overrides
+    ``Request._prepare_hook``. tests/test_front_door.py runs each case both ways
+    and checks which way was taken, so a change in those fails there.
     """
 
     def __init__(self, app: web.Application, state: ProxyState, guard: Guard, stats: RequestStats) -> None:
