@@ -35,6 +35,7 @@ from .router import CompiledRoute, Router, split_target
 from .tokens import TokenCache
 from .truncation import LostBodyWatch
 from .upstream import METHODS as LEAN_METHODS
+from .upstream import PIPE_HIGH_WATER
 from .upstream import Disconnected, LeanClient, UpstreamProtocolError, request_head, timeout_error, upstream_error
 
 log = logging.getLogger(__name__)
@@ -246,12 +247,29 @@ class Forwarder:
         try:
             out = web.StreamResponse(status=conn.status, reason=conn.reason, headers=self._response_headers(request, route, conn.client_headers()))
             await out.prepare(request)
+            writer, transport = request.writer, request.transport
             try:
-                while True:
-                    data = await conn.read()
-                    if not data or (conn.complete and not conn.chunks):
-                        break
-                    await out.write(data)
+                if not conn.complete and not getattr(writer, "chunked", True) and transport is not None:
+                    # A body still coming, sent as it is (no chunked framing to add): the head and
+                    # what came with it go through aiohttp's writer, the rest straight from the
+                    # upstream connection to the client's (upstream.py, pipe), counted as aiohttp counts.
+                    await out.write(conn.take())
+
+                    def sink(part: bytes) -> bool:
+                        if transport.is_closing():
+                            raise ConnectionResetError("the client's connection is closing")
+                        transport.write(part)
+                        writer.output_size += len(part)
+                        return transport.get_write_buffer_size() > PIPE_HIGH_WATER
+
+                    await conn.pipe(sink, writer.drain)
+                    data = b""
+                else:
+                    while True:
+                        data = await conn.read()
+                        if not data or (conn.complete and not conn.chunks):
+                            break
+                        await out.write(data)
             except (Disconnected, UpstreamProtocolError) as e:
                 # Headers are sent: the only honest signal left is to cut the connection,
                 # so the client never mistakes a truncated body for a complete one.

@@ -6,7 +6,8 @@ common case, a request without a body answered by a plain response, this module
 does the same with less: a keep-alive pool of asyncio Protocols per upstream,
 one request head written at once, httptools (llhttp) parsing the response, and
 the body handed over with flow control (reading pauses while the client is
-behind). Everything else (bodies, websockets, routes behind an outbound proxy)
+behind): a body of known length is piped, each part written to the client as
+it is parsed. Everything else (bodies, websockets, routes behind an outbound proxy)
 stays on the ClientSession path in forward.py.
 
 Behaviour matches that path: same error reasons, a stale pooled connection is
@@ -20,6 +21,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import ssl
+from collections.abc import Awaitable, Callable
 from typing import Any, cast
 
 import httptools
@@ -33,13 +35,15 @@ from .router import CompiledRoute
 _HOP_BY_HOP = frozenset(name.encode() for name in HOP_BY_HOP)
 #: Methods the lean path carries (without a request body).
 METHODS = frozenset({hdrs.METH_GET, hdrs.METH_HEAD})
-#: Response body bytes held for the client before reading from the upstream pauses,
-#: and the most read from an upstream socket at once (into one buffer all connections
-#: share). Measured with 64 concurrent 1 MiB downloads (bench/run.py): 256 KiB reads
-#: (uvloop's own size) peaked at ~71 MiB RSS, 64 KiB at ~54 MiB, 32 KiB at ~49 MiB
-#: but with a quarter more CPU per request.
+#: Response body bytes queued for the client before reading from the upstream pauses
+#: (bodies read with read(): chunked ones), and the most read from an upstream socket
+#: at once, into one buffer all connections share. Measured with 64 concurrent 1 MiB
+#: downloads (bench/run.py): 256 KiB reads (uvloop's own size) with queued parts
+#: peaked at ~70 MiB RSS, 64 KiB at ~53 MiB; with the pipe below, ~46 MiB.
 _HIGH_WATER = 16 * 1024
 _READ_SIZE = 64 * 1024
+#: Bytes waiting in the client's transport before a piped body (pipe()) pauses the upstream.
+PIPE_HIGH_WATER = 64 * 1024
 #: Idle connections kept per upstream, and how long one may sit idle (below the
 #: usual server keep-alive of 60 s or more, so the upstream rarely closes it first).
 #: As many as the client connections allowed by default (limits.max_connections):
@@ -102,6 +106,9 @@ class _Connection(asyncio.BufferedProtocol):
         self.waiter: asyncio.Future[None] | None = None
         self.head_only = False
         self.until_eof = False
+        #: While set, body parts go to it as they are parsed (pipe); else they queue for read().
+        self.sink: Callable[[bytes], bool] | None = None
+        self.sink_error: BaseException | None = None
 
     # -- asyncio.Protocol ---------------------------------------------------
 
@@ -182,6 +189,19 @@ class _Connection(asyncio.BufferedProtocol):
             self.head.set_result(None)
 
     def on_body(self, body: bytes) -> None:
+        sink = self.sink
+        if sink is not None:
+            try:
+                behind = sink(body)
+            except Exception as e:  # the client's connection is gone: pipe() raises it
+                self.sink = None
+                self.sink_error = e
+                behind = True
+            if behind and not self.paused and self.transport is not None:
+                self.paused = True
+                self.transport.pause_reading()
+                self._wake()
+            return
         self.chunks.append(body)
         self.buffered += len(body)
         if self.buffered > _HIGH_WATER and not self.paused and self.transport is not None:
@@ -233,6 +253,48 @@ class _Connection(asyncio.BufferedProtocol):
         if self.paused and self.transport is not None:
             self.paused = False
             self.transport.resume_reading()
+        return data
+
+    async def pipe(self, sink: Callable[[bytes], bool], drain: Callable[[], Awaitable[None]]) -> None:
+        """Hand the rest of the body to ``sink`` as it is parsed, inside the read callback.
+
+        ``sink`` writes a part to the client and says whether the client is behind;
+        then reading pauses until ``drain`` returns. No part waits in between, and
+        no task switch happens per part while the client keeps up. Raises like
+        read() if the upstream breaks off, and what ``sink`` raised if the client went away.
+        """
+        if self.chunks:
+            # Body bytes that came with the head, before the sink was attached.
+            data = self.chunks[0] if len(self.chunks) == 1 else b"".join(self.chunks)
+            self.chunks.clear()
+            self.buffered = 0
+            if sink(data):
+                await drain()
+        self.sink = sink
+        try:
+            while not self.complete:
+                if self.sink_error is not None:
+                    raise self.sink_error
+                if self.error is not None:
+                    raise self.error
+                if self.paused:
+                    await drain()
+                    self.paused = False
+                    if self.transport is not None:
+                        self.transport.resume_reading()
+                    continue
+                self.waiter = self.loop.create_future()
+                await self.waiter
+        finally:
+            self.sink = None
+        if self.sink_error is not None:
+            raise self.sink_error
+
+    def take(self) -> bytes:
+        """The body bytes queued so far (b"" if none), without waiting."""
+        data = self.chunks[0] if len(self.chunks) == 1 else b"".join(self.chunks)
+        self.chunks.clear()
+        self.buffered = 0
         return data
 
     def headers(self) -> CIMultiDictProxy[str]:
@@ -404,4 +466,4 @@ def timeout_error(route: CompiledRoute) -> UpstreamTimeout:
     return UpstreamTimeout(f"{route.name}: no response from {route.origin} within {route.route.timeout:g} s")
 
 
-__all__ = ["METHODS", "Disconnected", "LeanClient", "UpstreamProtocolError", "request_head", "timeout_error", "upstream_error"]
+__all__ = ["METHODS", "PIPE_HIGH_WATER", "Disconnected", "LeanClient", "UpstreamProtocolError", "request_head", "timeout_error", "upstream_error"]

@@ -226,6 +226,48 @@ async def test_concurrent_downloads_with_slow_readers_arrive_intact(start_proxy,
     assert len(await asyncio.gather(*(fetch(i) for i in range(8)))) == 8
 
 
+async def test_a_stalled_client_pauses_the_upstream_and_gets_every_byte(start_proxy, sa_key, private_service, monkeypatch):
+    # A GET body with a Content-Length is piped from the upstream connection to the
+    # client's; while the client reads nothing, reading from the upstream must pause
+    # (the pipe waits for the client's transport to drain) and then resume intact.
+    from proxy.upstream import _Connection
+
+    paused = []
+    pipe = _Connection.pipe
+
+    async def observed(self, sink, drain):
+        pause_reading = self.transport.pause_reading
+
+        def recorded():
+            paused.append(1)
+            pause_reading()
+
+        self.transport.pause_reading = recorded
+        return await pipe(self, sink, drain)
+
+    # Only to see that reading paused once the body was being piped: the pipe runs unchanged.
+    monkeypatch.setattr(_Connection, "pipe", observed)
+    proxy = await start_proxy(sa_config(sa_key[0], {"upstream": private_service.url}))
+    size = 16 * MiB
+    loop = asyncio.get_running_loop()
+    s = socket.socket()
+    s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    s.setblocking(False)
+    try:
+        await loop.sock_connect(s, ("127.0.0.1", proxy.port))
+        await loop.sock_sendall(s, f"GET /bytes/{size}?cl=1 HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n".encode())
+        await asyncio.sleep(1.0)  # the stall
+        assert paused, "reading from the upstream never paused for the stalled client"
+        data = bytearray()
+        while chunk := await loop.sock_recv(s, 1 << 20):
+            data += chunk
+    finally:
+        s.close()
+    head, _, body = bytes(data).partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 200 ")
+    assert (len(body), hashlib.sha256(body).hexdigest()) == (size, pattern_sha256(size))
+
+
 async def test_content_is_never_decompressed(start_proxy, client, sa_key, private_service):
     import gzip
 
