@@ -105,12 +105,21 @@ class JsonFormatter(logging.Formatter):
         }
         http = getattr(record, "http_request", None)
         if http is not None:
-            entry["httpRequest"] = http.as_dict() if isinstance(http, HttpRequestFields) else http
-            entry["route"] = getattr(record, "route", "-")
-            upstream = getattr(record, "upstream_seconds", None)
-            if upstream is not None:
-                entry["upstreamLatency"] = _duration(upstream)
+            _add_access_fields(entry, http, getattr(record, "route", "-"), getattr(record, "upstream_seconds", None))
         return json.dumps(entry, ensure_ascii=False, separators=(",", ":"))
+
+    def access_line(self, name: str, message: str, created: float, msecs: float, fields: HttpRequestFields, route: str, upstream: float | None) -> str:
+        """What ``format`` makes of an access record with these attributes, without the record."""
+        entry: dict[str, Any] = {"severity": "INFO", "message": message, "time": _rfc3339(created), "logger": name}
+        _add_access_fields(entry, fields, route, upstream)
+        return json.dumps(entry, ensure_ascii=False, separators=(",", ":"))
+
+
+def _add_access_fields(entry: dict[str, Any], http: Any, route: str, upstream: float | None) -> None:
+    entry["httpRequest"] = http.as_dict() if isinstance(http, HttpRequestFields) else http
+    entry["route"] = route
+    if upstream is not None:
+        entry["upstreamLatency"] = _duration(upstream)
 
 
 def _rfc3339(created: float, _cache: dict[int, str] = {}) -> str:  # noqa: B006 - a per-second cache
@@ -142,12 +151,22 @@ class TextFormatter(logging.Formatter):
         record.asctime = self.formatTime(record)
         return f"{record.asctime} {record.levelname} {record.name}: {record.message}"
 
+    def access_line(self, name: str, message: str, created: float, msecs: float, fields: HttpRequestFields, route: str, upstream: float | None) -> str:
+        """What ``format`` makes of an access record with these attributes, without the record."""
+        return f"{self._asctime(created, msecs)} INFO {name}: {message}"
+
     def formatTime(self, record: logging.LogRecord, datefmt: str | None = None) -> str:  # noqa: N802 - logging's name
-        second = int(record.created)
+        if datefmt is not None:
+            return super().formatTime(record, datefmt)
+        return self._asctime(record.created, record.msecs)
+
+    def _asctime(self, created: float, msecs: float) -> str:
+        second = int(created)
         if second != self._second:
-            self._head = super().formatTime(record, datefmt).rpartition(",")[0]
+            # logging's default ("%Y-%m-%d %H:%M:%S,mmm"), the part before the milliseconds.
+            self._head = time.strftime(self.default_time_format, self.converter(created))
             self._second = second
-        return f"{self._head},{int(record.msecs):03d}"
+        return f"{self._head},{int(msecs):03d}"
 
 
 class LoopBatchingHandler(logging.StreamHandler):  # type: ignore[type-arg]
@@ -170,6 +189,17 @@ class LoopBatchingHandler(logging.StreamHandler):  # type: ignore[type-arg]
         except Exception:
             self.handleError(record)
             return
+        self._add(line)
+
+    def add_line(self, line: str) -> None:
+        """Write a finished line (a formatter's output) as ``handle`` would write a record's."""
+        self.acquire()
+        try:
+            self._add(line + self.terminator)
+        finally:
+            self.release()
+
+    def _add(self, line: str) -> None:
         try:
             loop = asyncio.get_running_loop()
         except RuntimeError:
@@ -204,14 +234,14 @@ class LoopBatchingHandler(logging.StreamHandler):  # type: ignore[type-arg]
 
 def setup_logging(level: str = "info", fmt: str = "text") -> None:
     """Send every log record to stderr, redacted, in ``fmt`` (text or json)."""
+    global _INSTALLED
     handler = LoopBatchingHandler(sys.stderr)
-    if fmt == "json":
-        handler.setFormatter(JsonFormatter())
-    else:
-        handler.setFormatter(TextFormatter())
+    formatter = JsonFormatter() if fmt == "json" else TextFormatter()
+    handler.setFormatter(formatter)
     handler.addFilter(_Redacting())
     root = logging.getLogger()
     root.handlers[:] = [handler]
+    _INSTALLED = (handler, list(handler.filters), formatter)
     root.setLevel(level.upper())
     for name in _NOISY:
         logging.getLogger(name).setLevel(logging.WARNING)
@@ -271,13 +301,22 @@ class AccessLogger(AbstractAccessLogger):
         if method not in _METHODS:
             method = redact(method)
         upstream_text = f" upstream {upstream * 1000:.1f}ms" if upstream is not None else ""
-        record = _access_record(
-            logger.name, f'{route} "{method} {path}" {status} {bytes_out}B {time * 1000:.1f}ms{upstream_text}'
-        )
-        d = record.__dict__
-        d["http_request"] = HttpRequestFields(
+        message = f'{route} "{method} {path}" {status} {bytes_out}B {time * 1000:.1f}ms{upstream_text}'
+        fields = HttpRequestFields(
             method, path, status, bytes_out, time, request.remote, request.version, bytes_in, request.headers.get(hdrs.USER_AGENT)
         )
+        direct = _direct_handler(logger)
+        if direct is not None:
+            # The command line's logging, as setup_logging made it: the line its formatter
+            # would make of the record, without the record and logging's dispatch of it
+            # (tests/test_access_log.py checks that the lines are the same).
+            handler, formatter = direct
+            created, msecs = _now()
+            handler.add_line(formatter.access_line(logger.name, message, created, msecs, fields, route, upstream))
+            return
+        record = _access_record(logger.name, message)
+        d = record.__dict__
+        d["http_request"] = fields
         d["route"] = route
         d["upstream_seconds"] = upstream
         d[_CLEAN] = True
@@ -339,6 +378,47 @@ class HttpRequestFields:
         return http
 
 
+def _now(ns: int | None = None) -> tuple[float, float]:
+    """(created, msecs) as a LogRecord has them."""
+    now = time.time_ns() if ns is None else ns
+    return now / 1e9, (now % 1_000_000_000) // 1_000_000 + 0.0
+
+
+#: The handler setup_logging installed, its filters and its formatter.
+_INSTALLED: tuple[LoopBatchingHandler, list[Any], TextFormatter | JsonFormatter] | None = None
+
+
+def _direct_handler(logger: logging.Logger) -> tuple[LoopBatchingHandler, TextFormatter | JsonFormatter] | None:
+    """setup_logging's handler, if an INFO record of ``logger`` would go there and nowhere else.
+
+    That is: nothing was configured since (no filter on the logger, no other
+    handler on it, its ancestors or the root, every one of them propagating,
+    the handler's filters and formatter as they were), the logger is enabled
+    and the handler takes INFO.
+    """
+    installed = _INSTALLED
+    if installed is None:
+        return None
+    handler, filters, formatter = installed
+    root = logging.root
+    if (
+        logger.filters
+        or logger.disabled
+        or root.handlers != [handler]
+        or handler.filters != filters
+        or handler.formatter is not formatter
+        or handler.level > logging.INFO
+    ):
+        return None
+    # Up to the root (filters of ancestors do not apply to records passed up), nothing else takes it.
+    node: Any = logger
+    while node is not root:
+        if node.handlers or not node.propagate:
+            return None
+        node = node.parent
+    return handler, formatter
+
+
 #: (thread id, logger name) -> the constant attributes of an access record.
 _RECORD_TEMPLATES: dict[tuple[int, str], dict[str, Any]] = {}
 
@@ -363,8 +443,7 @@ def _access_record(name: str, message: str) -> logging.LogRecord:
     d.update(template)
     now = time.time_ns()
     d["msg"] = message
-    d["created"] = now / 1e9
-    d["msecs"] = (now % 1_000_000_000) // 1_000_000 + 0.0
+    d["created"], d["msecs"] = _now(now)
     d["relativeCreated"] = (now - logging._startTime * 1e9) / 1e6  # type: ignore[attr-defined]
     return record
 
