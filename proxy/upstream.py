@@ -26,7 +26,7 @@ from typing import Any, cast
 
 import httptools
 from aiohttp import hdrs
-from multidict import CIMultiDict, CIMultiDictProxy
+from multidict import CIMultiDict
 
 from .errors import UpstreamError, UpstreamTimeout, redact
 from .headers import HOP_BY_HOP
@@ -247,9 +247,7 @@ class _Connection(asyncio.BufferedProtocol):
                 raise self.error
             self.waiter = self.loop.create_future()
             await self.waiter
-        data = self.chunks[0] if len(self.chunks) == 1 else b"".join(self.chunks)
-        self.chunks.clear()
-        self.buffered = 0
+        data = self.take()
         if self.paused and self.transport is not None:
             self.paused = False
             self.transport.resume_reading()
@@ -263,13 +261,10 @@ class _Connection(asyncio.BufferedProtocol):
         no task switch happens per part while the client keeps up. Raises like
         read() if the upstream breaks off, and what ``sink`` raised if the client went away.
         """
-        if self.chunks:
-            # Body bytes that came with the head, before the sink was attached.
-            data = self.chunks[0] if len(self.chunks) == 1 else b"".join(self.chunks)
-            self.chunks.clear()
-            self.buffered = 0
-            if sink(data):
-                await drain()
+        # Body bytes that came before the sink was attached go first.
+        data = self.take()
+        if data and sink(data):
+            await drain()
         self.sink = sink
         try:
             while not self.complete:
@@ -297,15 +292,9 @@ class _Connection(asyncio.BufferedProtocol):
         self.buffered = 0
         return data
 
-    def headers(self) -> CIMultiDictProxy[str]:
-        """The response headers as aiohttp's client would decode them."""
-        h: CIMultiDict[str] = CIMultiDict()
-        for name, value in self.raw_headers:
-            h.add(name.decode("utf-8", "surrogateescape"), value.decode("utf-8", "surrogateescape"))
-        return CIMultiDictProxy(h)
-
     def client_headers(self) -> CIMultiDict[str]:
-        """``downstream_response_headers(self.headers())`` in one pass: decoded, hop-by-hop dropped."""
+        """The response headers for the client: decoded as aiohttp's client decodes them, and
+        hop-by-hop ones dropped as headers.downstream_response_headers does, in one pass."""
         dropped = _HOP_BY_HOP
         for name, value in self.raw_headers:
             if name.lower() == b"connection":
