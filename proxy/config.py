@@ -414,10 +414,45 @@ def _check_host_name(v: str) -> str | None:
 
 
 def _check_origin(v: str) -> str | None:
-    u = urlsplit(v)
-    if u.scheme not in ("http", "https") or not u.hostname or u.path not in ("",) or u.query or u.fragment:
-        return f"must be an origin like http://localhost:3000 (scheme, host and optional port only), got {v!r}"
+    problem = f"must be an origin like http://localhost:3000 (scheme, host and optional port only), got {v!r}"
+    try:
+        u = urlsplit(v)
+        # Raises for a port that is no number or out of range, or a host that is no name.
+        normalize_origin(v, strict=True)
+    except ValueError as e:
+        return f"{problem} ({e})"
+    if u.scheme not in ("http", "https") or not u.hostname or u.username is not None:
+        return problem
+    # A single trailing "/" is forgiven (normalised away); any other path is not an origin.
+    if u.path not in ("", "/") or "?" in v or "#" in v:
+        return problem
     return None
+
+
+def normalize_origin(value: str, *, strict: bool = False) -> str:
+    """An ``allowed_origins`` entry as a browser serialises its ``Origin`` header.
+
+    Lower case, no trailing slash, and no port when it is the scheme's default:
+    browsers send ``http://example.test``, never ``http://example.test:80``. A
+    non-ASCII host becomes its IDNA (punycode) form and an IPv6 address its
+    compressed form, as browsers write them. Without ``strict``, a value that
+    cannot be parsed comes back lower-cased only (``Config`` built in code).
+    """
+    try:
+        u = urlsplit(value.strip())
+        port = u.port
+        host = u.hostname or ""
+        if host and not host.isascii():
+            host = host.encode("idna").decode("ascii")
+        if ":" in host:
+            host = f"[{ipaddress.IPv6Address(host).compressed}]"
+    except (ValueError, UnicodeError):
+        if strict:
+            raise
+        return value.lower().rstrip("/")
+    scheme = u.scheme.lower()
+    default = {"http": 80, "https": 443}.get(scheme)
+    return f"{scheme}://{host}" + ("" if port is None or port == default else f":{port}")
 
 
 def parse_config(raw: Any, env: Mapping[str, str] | None = None) -> Config:
@@ -511,7 +546,7 @@ def parse_config(raw: Any, env: Mapping[str, str] | None = None) -> Config:
         admin=admin,
         credentials=creds,
         allowed_hosts=tuple(h.lower() for h in allowed_hosts),
-        allowed_origins=tuple(o.lower().rstrip("/") for o in allowed_origins),
+        allowed_origins=tuple(normalize_origin(o) for o in allowed_origins),
         cross_site_navigation=navigation,
         limits=limits,
         log=log,

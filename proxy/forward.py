@@ -294,8 +294,15 @@ class Forwarder:
                 proxy_origin=f"http://{request.host}",
             )
         if hdrs.SET_COOKIE in headers:
-            # Cookies for the upstream's domain would be refused by a browser on the proxy.
-            rewrite_set_cookies(headers, upstream_host=route.host)
+            # Cookies for the upstream's domain would be refused by a browser on the proxy,
+            # and an upstream Path is mapped under the route's prefix (shared origin).
+            rewrite_set_cookies(
+                headers,
+                upstream_host=route.host,
+                prefix=route.route.prefix,
+                base_path=route.base_path,
+                request_path=request.raw_path.partition("?")[0],
+            )
         return headers
 
     async def _relay(self, request: web.Request, route: CompiledRoute, upstream: aiohttp.ClientResponse) -> web.StreamResponse:

@@ -32,7 +32,7 @@ from dataclasses import dataclass
 from aiohttp import hdrs, web
 from multidict import CIMultiDict
 
-from .config import Config
+from .config import Config, normalize_origin
 from .errors import BadRequest, Forbidden, ProxyError
 from .forward import ERROR_KEY, error_response
 
@@ -117,7 +117,9 @@ class Guard:
             exact.add(f"[{listen}]" if ":" in listen else listen)
         self.hosts = frozenset(exact)
         self.host_suffixes = tuple(suffixes)
-        self.origins = frozenset(config.allowed_origins)
+        # Compared with the lower-cased Origin a browser sends (no default port): a
+        # Config built in code gets the loader's normalisation here too (idempotent).
+        self.origins = frozenset(normalize_origin(o) for o in config.allowed_origins)
         self.refuse_navigation = config.cross_site_navigation == "refuse"
         self._allowed_hint = (
             "browse to localhost, 127.0.0.1, [::1] or a *.localhost name, or add this name to allowed_hosts"

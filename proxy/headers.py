@@ -219,8 +219,76 @@ def rewrite_cookie_domain(value: str, *, upstream_host: str) -> str:
     return ";".join(kept) if changed else value
 
 
-def rewrite_set_cookies(headers: CIMultiDict[str], *, upstream_host: str) -> None:
-    """Apply :func:`rewrite_cookie_domain` to every ``Set-Cookie`` of a response, in place."""
+def _default_cookie_path(request_path: str) -> str:
+    """RFC 6265 5.1.4: the Path a browser gives a cookie set without a (valid) one."""
+    if not request_path.startswith("/") or request_path.count("/") == 1:
+        return "/"
+    return request_path[: request_path.rindex("/")]
+
+
+def _mapped_cookie_path(path: str, *, prefix: str, base_path: str) -> str:
+    """An upstream cookie path as the same pages' path on the proxy (route ``prefix``)."""
+    if path == base_path or path.startswith(base_path + "/"):
+        rest = path[len(base_path) :]
+        if rest not in ("", "/"):
+            return rest if prefix == "/" else prefix + rest
+    # The whole route: the upstream's base itself or "/" under it (Path=/a, not /a/,
+    # which would not match the page /a); an ancestor of the base too. A path elsewhere
+    # on the upstream host names no page reachable through this route, and kept as it
+    # is it would name another route's pages on the shared origin: it stays with the route.
+    return prefix
+
+
+def rewrite_cookie_path(value: str, *, prefix: str, base_path: str, request_path: str) -> str:
+    """Map a ``Set-Cookie`` ``Path`` from the upstream's paths to the route's on the proxy.
+
+    Several services share the proxy's origin under their route prefixes, and a
+    browser sends a cookie to every path under its Path: the upstream's ``Path=/``
+    under ``prefix: /a`` becomes ``Path=/a`` (``Path=/x`` becomes ``/a/x``, with the
+    upstream's ``base_path`` taken off first), like nginx's ``proxy_cookie_path``, so
+    the cookie of the service at /a is not sent to the one at /b. ``request_path`` is
+    the raw path the client asked the proxy for. Other attributes are kept as they are.
+    """
+    if prefix == "/" and not base_path:
+        return value  # the upstream's paths are the proxy's: nothing to map
+    parts = value.split(";")
+    changed = False
+    seen = False
+    # Without a Path (or with one not starting with "/") the browser takes the
+    # directory of the path it requested (RFC 6265 5.1.4, 5.2.4). That is already the
+    # upstream's own default mapped under the prefix (/a/x/y -> /a/x against /x), with
+    # one exception: a request for the prefix itself (/a) defaults to its parent ("/"),
+    # which would reach every route. Only then is Path set: to the prefix.
+    default = _default_cookie_path(request_path)
+    default_ok = prefix == "/" or default == prefix or default.startswith(prefix + "/")
+    for i in range(1, len(parts)):
+        name, eq, path = parts[i].partition("=")
+        if name.strip().lower() != "path":
+            continue
+        seen = True
+        path = path.strip()
+        if path.startswith("/"):
+            new = _mapped_cookie_path(path, prefix=prefix, base_path=base_path)
+        elif default_ok:
+            continue
+        else:
+            new = prefix
+        if new != path:
+            lead = name[: len(name) - len(name.lstrip())]
+            parts[i] = f"{lead}{name.strip()}={new}"
+            changed = True
+    if not seen and not default_ok:
+        parts.append(f" Path={prefix}")
+        changed = True
+    return ";".join(parts) if changed else value
+
+
+def rewrite_set_cookies(
+    headers: CIMultiDict[str], *, upstream_host: str, prefix: str = "/", base_path: str = "", request_path: str = "/"
+) -> None:
+    """Apply :func:`rewrite_cookie_domain` and :func:`rewrite_cookie_path` to every ``Set-Cookie``, in place."""
     cookies = headers.popall(hdrs.SET_COOKIE, [])
     for cookie in cookies:
-        headers.add(hdrs.SET_COOKIE, rewrite_cookie_domain(cookie, upstream_host=upstream_host))
+        cookie = rewrite_cookie_domain(cookie, upstream_host=upstream_host)
+        cookie = rewrite_cookie_path(cookie, prefix=prefix, base_path=base_path, request_path=request_path)
+        headers.add(hdrs.SET_COOKIE, cookie)

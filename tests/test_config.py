@@ -90,12 +90,46 @@ routes:
         ("routes: [{upstream: 'https://x.run.app'}]\ncredentials: {source: static}", "credentials: source static needs exactly one of token_env or token_file"),
         ("routes: [{upstream: 'https://x.run.app'}]\nallowed_origins: ['*']", "allowed_origins[0]: '*' would let every site"),
         ("routes: [{upstream: 'https://x.run.app'}]\nallowed_origins: ['http://a/x']", "allowed_origins[0]: must be an origin"),
+        ("routes: [{upstream: 'https://x.run.app'}]\nallowed_origins: ['http://a?x=1']", "allowed_origins[0]: must be an origin"),
+        ("routes: [{upstream: 'https://x.run.app'}]\nallowed_origins: ['http://a?']", "allowed_origins[0]: must be an origin"),
+        ("routes: [{upstream: 'https://x.run.app'}]\nallowed_origins: ['http://a#top']", "allowed_origins[0]: must be an origin"),
+        ("routes: [{upstream: 'https://x.run.app'}]\nallowed_origins: ['ftp://a']", "allowed_origins[0]: must be an origin"),
+        ("routes: [{upstream: 'https://x.run.app'}]\nallowed_origins: ['localhost:3000']", "allowed_origins[0]: must be an origin"),
+        ("routes: [{upstream: 'https://x.run.app'}]\nallowed_origins: ['http://u:p@a']", "allowed_origins[0]: must be an origin"),
+        ("routes: [{upstream: 'https://x.run.app'}]\nallowed_origins: ['http://a:99999']", "allowed_origins[0]: must be an origin"),
+        ("routes: [{upstream: 'https://x.run.app'}]\nallowed_origins: ['http://a:port']", "allowed_origins[0]: must be an origin"),
+        ("routes: [{upstream: 'https://x.run.app'}]\nallowed_origins: ['http://[zz]']", "allowed_origins[0]: must be an origin"),
+        ("routes: [{upstream: 'https://x.run.app'}]\nallowed_origins: ['null']", "allowed_origins[0]: 'null' would let every site"),
         ("- a\n- b", "config: must be a mapping, got a list"),
     ],
 )
 def test_errors_name_the_field(text, expected):
     errs = errors_of(text)
     assert any(e.startswith(expected) for e in errs), errs
+
+
+@pytest.mark.parametrize(
+    "entry, expected",
+    [
+        ("http://localhost:3000", "http://localhost:3000"),
+        # Browsers never send the scheme's default port (nor a path, nor upper case).
+        ("http://example.test:80", "http://example.test"),
+        ("https://example.test:443", "https://example.test"),
+        ("https://example.test:443/", "https://example.test"),
+        ("HTTP://Example.TEST:80/", "http://example.test"),
+        ("http://example.test:", "http://example.test"),
+        ("http://example.test:0080", "http://example.test"),
+        # Another scheme's default is a port like any other.
+        ("https://example.test:80", "https://example.test:80"),
+        ("http://example.test:443", "http://example.test:443"),
+        ("http://[::1]:80", "http://[::1]"),
+        ("http://[0:0::1]:8080", "http://[::1]:8080"),
+        ("http://B\u00fccher.test", "http://xn--bcher-kva.test"),
+    ],
+)
+def test_allowed_origins_are_normalised_as_browsers_send_origin(entry, expected):
+    c = parse_config({"routes": [{"upstream": "https://x.run.app"}], "allowed_origins": [entry]}, {})
+    assert c.allowed_origins == (expected,)
 
 
 def test_every_error_is_reported_at_once():

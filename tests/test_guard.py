@@ -12,7 +12,7 @@ import aiohttp
 import pytest
 from multidict import CIMultiDict
 
-from proxy.config import parse_config
+from proxy.config import Config, parse_config
 from proxy.guard import Guard
 from tests.test_forward import raw_exchange
 
@@ -216,6 +216,20 @@ def test_allowed_origin_is_marked_for_cors_and_preflight_recognised():
     assert decide(g, "POST", {"Host": H, "Origin": "http://localhost:8080"}).cors_origin is None
 
 
+def test_allowed_origin_with_a_default_port_matches_what_browsers_send():
+    # Browsers serialise Origin without the scheme's default port.
+    g = guard(allowed_origins=["http://example.test:80", "https://secure.test:443/", "http://other.test:8080"])
+    assert g.origins == {"http://example.test", "https://secure.test", "http://other.test:8080"}
+    for origin in ("http://example.test", "https://secure.test", "http://other.test:8080"):
+        v = decide(g, "POST", {"Host": H, "Origin": origin, "Sec-Fetch-Site": "cross-site"})
+        assert v.allowed and v.cors_origin == origin, (origin, v)
+    for origin in ("https://example.test", "http://secure.test", "http://other.test", "http://example.test:8080"):
+        assert not decide(g, "POST", {"Host": H, "Origin": origin, "Sec-Fetch-Site": "cross-site"}).allowed, origin
+    # A Config built in code (not through the loader) is normalised by the guard too.
+    config = Config(routes=parse_config({"routes": [{"upstream": "http://127.0.0.1:9"}]}, env={}).routes, allowed_origins=("HTTPS://Secure.test:443",))
+    assert decide(Guard(config), "GET", {"Host": H, "Origin": "https://secure.test"}).cors_origin == "https://secure.test"
+
+
 def test_host_is_checked_before_origin():
     v = decide(guard(), "GET", {"Host": "evil.example", "Origin": "http://evil.example"})
     assert (v.allowed, v.status) == (False, 403) and "Host" in v.reason
@@ -367,6 +381,24 @@ async def test_upstream_cors_headers_are_replaced(start_proxy, client, sa_key, p
         assert r.headers["Access-Control-Allow-Origin"] == ALLOWED
 
 
+async def test_allowed_origin_listed_with_its_default_port_gets_cors(start_proxy, client, sa_key, private_service):
+    proxy = await start_proxy(
+        sa_config(sa_key[0], {"upstream": private_service.url}, allowed_origins=["http://example.test:80", "https://example.test:443/"])
+    )
+    for origin in ("http://example.test", "https://example.test"):
+        # What a browser on that page sends: Origin without the default port.
+        headers = {"Origin": origin, "Sec-Fetch-Site": "cross-site", "Sec-Fetch-Mode": "cors"}
+        async with client.post(f"{proxy.url}/upload", data=b"abc", headers=headers) as r:
+            assert r.status == 200, await r.text()
+            assert (await r.json())["len"] == 3
+            assert r.headers.getall("Access-Control-Allow-Origin") == [origin]
+            assert r.headers["Access-Control-Allow-Credentials"] == "true"
+        assert private_service.last.header("Origin") == origin
+    async with client.post(f"{proxy.url}/upload", data=b"abc", headers={"Origin": "http://example.test:8080"}) as r:
+        assert r.status == 403
+        assert "Access-Control-Allow-Origin" not in r.headers
+
+
 async def test_without_allowed_origins_no_cors_header_is_ever_sent(start_proxy, client, sa_key, private_service):
     proxy = await start_proxy(sa_config(sa_key[0], {"upstream": private_service.url}))
     for headers in ({}, {"Origin": proxy.url}):
@@ -408,3 +440,51 @@ async def test_host_route_location_and_cookie_stay_on_the_proxy(start_proxy, cli
     # Without the host route's Host, the prefix routes apply.
     async with client.get(f"{proxy.url}/set-cookie") as r:
         assert r.status == 404
+
+
+async def test_cookie_paths_stay_under_their_route_prefix(start_proxy, sa_key, private_service):
+    svc = private_service.url
+    proxy = await start_proxy(
+        sa_config(
+            sa_key[0],
+            {"prefix": "/a", "upstream": svc},
+            {"prefix": "/b", "upstream": svc},
+            # A base path: the upstream's /set-cookie is the proxy's /c.
+            {"prefix": "/c", "upstream": f"{svc}/set-cookie", "audience": svc},
+        )
+    )
+    # A jar that path-matches as browsers do (unsafe: the proxy is reached by IP address).
+    async with aiohttp.ClientSession(cookie_jar=aiohttp.CookieJar(unsafe=True)) as browser:
+        async with browser.get(f"{proxy.url}/a/set-cookie", params=[("path", "/"), ("path", "/x"), ("path", "")]) as r:
+            assert r.status == 200
+            assert r.headers.getall("Set-Cookie") == [
+                "session=fake-session; HttpOnly; Path=/a",
+                "session1=fake-session; HttpOnly; Path=/a/x",
+                # No Path: the browser's default (/a, from /a/set-cookie) is already the route's.
+                "session2=fake-session; HttpOnly",
+            ]
+        async with browser.get(f"{proxy.url}/c", params=[("path", ""), ("path", "/"), ("path", "/set-cookie/y")]) as r:
+            assert r.status == 200
+            assert private_service.last.raw_path.startswith("/set-cookie?")
+            assert r.headers.getall("Set-Cookie") == [
+                # No Path on a request for the prefix itself: the browser would default to "/".
+                "session=fake-session; HttpOnly; Path=/c",
+                "session1=fake-session; HttpOnly; Path=/c",
+                "session2=fake-session; HttpOnly; Path=/c/y",
+            ]
+        # The service at /b gets none of the cookies set through /a or /c.
+        async with browser.get(f"{proxy.url}/b/page") as r:
+            assert r.status == 200
+        assert private_service.last.raw_path == "/page"
+        assert private_service.last.header_values("Cookie") == []
+        # The one at /a gets its own (and session1 only under /a/x).
+        async with browser.get(f"{proxy.url}/a/x/page") as r:
+            assert r.status == 200
+        assert sorted(private_service.last.header("Cookie").split("; ")) == [
+            "session1=fake-session",
+            "session2=fake-session",
+            "session=fake-session",
+        ]
+        async with browser.get(f"{proxy.url}/a/page") as r:
+            assert r.status == 200
+        assert sorted(private_service.last.header("Cookie").split("; ")) == ["session2=fake-session", "session=fake-session"]

@@ -1,4 +1,4 @@
-"""Pure header rewrites for browsers: Origin, Referer and Set-Cookie Domain (tables)."""
+"""Pure header rewrites for browsers: Origin, Referer, Set-Cookie Domain and Path (tables)."""
 
 from __future__ import annotations
 
@@ -7,6 +7,7 @@ from multidict import CIMultiDict
 
 from proxy.headers import (
     rewrite_cookie_domain,
+    rewrite_cookie_path,
     rewrite_origin,
     rewrite_referer,
     rewrite_same_origin,
@@ -110,4 +111,77 @@ def test_rewrite_set_cookies_keeps_every_cookie():
     )
     rewrite_set_cookies(headers, upstream_host=HOST)
     assert headers.getall("Set-Cookie") == ["a=1", "b=2; Domain=example.com", "c=3"]
+    assert headers["Content-Type"] == "text/plain"
+
+
+@pytest.mark.parametrize(
+    "cookie, prefix, base, request_path, expected",
+    [
+        # Under a prefix: the upstream's paths move under it.
+        ("sid=1; Path=/", "/a", "", "/a/login", "sid=1; Path=/a"),
+        ("sid=1; Path=/x", "/a", "", "/a/login", "sid=1; Path=/a/x"),
+        ("sid=1; Path=/x/", "/a", "", "/a/x/y", "sid=1; Path=/a/x/"),
+        ("sid=1; Path=/", "/a/b", "", "/a/b/", "sid=1; Path=/a/b"),
+        # Attribute names are case-insensitive; spacing and every other attribute stay.
+        ("sid=1; path=/; HttpOnly", "/a", "", "/a/", "sid=1; path=/a; HttpOnly"),
+        ("sid=1; PATH=/x; Secure; SameSite=Lax", "/a", "", "/a/", "sid=1; PATH=/a/x; Secure; SameSite=Lax"),
+        ("sid=1;Path=/;Max-Age=60", "/a", "", "/a/", "sid=1;Path=/a;Max-Age=60"),
+        ("sid=1; Path = /x ; HttpOnly", "/a", "", "/a/", "sid=1; Path=/a/x; HttpOnly"),
+        ("sid=1; Expires=Wed, 21 Oct 2037 07:28:00 GMT; Path=/", "/a", "", "/a/", "sid=1; Expires=Wed, 21 Oct 2037 07:28:00 GMT; Path=/a"),
+        # The browser uses the last Path: each is mapped.
+        ("sid=1; Path=/x; Path=/", "/a", "", "/a/", "sid=1; Path=/a/x; Path=/a"),
+        # A cookie named "path" is not the attribute.
+        ("path=/; Path=/", "/a", "", "/a/", "path=/; Path=/a"),
+        # The upstream's base path comes off first.
+        ("sid=1; Path=/fn", "/a", "/fn", "/a/", "sid=1; Path=/a"),
+        ("sid=1; Path=/fn/", "/a", "/fn", "/a/", "sid=1; Path=/a"),
+        ("sid=1; Path=/fn/x", "/a", "/fn", "/a/", "sid=1; Path=/a/x"),
+        ("sid=1; Path=/fn/x", "/", "/fn", "/", "sid=1; Path=/x"),
+        ("sid=1; Path=/fn", "/", "/fn", "/", "sid=1; Path=/"),
+        # Above the base (covers the whole route) or beside it (no page of this route,
+        # but another route's on the shared origin): kept to the route.
+        ("sid=1; Path=/", "/a", "/fn", "/a/", "sid=1; Path=/a"),
+        ("sid=1; Path=/fnx", "/a", "/fn", "/a/", "sid=1; Path=/a"),
+        ("sid=1; Path=/other/x", "/a", "/fn", "/a/", "sid=1; Path=/a"),
+        # No Path: the browser defaults to the requested directory, already under the
+        # prefix, except for a request of the prefix itself (its parent is "/").
+        ("sid=1; HttpOnly", "/a", "", "/a/login", "sid=1; HttpOnly"),
+        ("sid=1", "/a", "", "/a/x/y", "sid=1"),
+        ("sid=1", "/a", "", "/a/", "sid=1"),
+        ("sid=1; HttpOnly", "/a", "", "/a", "sid=1; HttpOnly; Path=/a"),
+        ("sid=1", "/a/b", "", "/a/b", "sid=1; Path=/a/b"),
+        ("sid=1", "/a/b", "/fn", "/a/b", "sid=1; Path=/a/b"),
+        # A Path not starting with "/" counts as none (RFC 6265 5.2.4).
+        ("sid=1; Path=x", "/a", "", "/a/login", "sid=1; Path=x"),
+        ("sid=1; Path=", "/a", "", "/a", "sid=1; Path=/a"),
+        ("sid=1; Path", "/a", "", "/a", "sid=1; Path=/a"),
+        # Prefix "/" without a base path: the proxy's paths are the upstream's.
+        ("sid=1; Path=/", "/", "", "/", "sid=1; Path=/"),
+        ("sid=1; Path=/x", "/", "", "/x/y", "sid=1; Path=/x"),
+        ("sid=1", "/", "", "/", "sid=1"),
+        ("sid=1; Path=", "/", "", "/x", "sid=1; Path="),
+    ],
+)
+def test_rewrite_cookie_path(cookie, prefix, base, request_path, expected):
+    assert rewrite_cookie_path(cookie, prefix=prefix, base_path=base, request_path=request_path) == expected
+
+
+def test_rewrite_cookie_path_returns_the_same_string_when_nothing_changes():
+    cookie = "sid=1; Path=/a/x; HttpOnly"
+    assert rewrite_cookie_path(cookie, prefix="/", base_path="", request_path="/") is cookie
+    unchanged = "sid=1; HttpOnly"
+    assert rewrite_cookie_path(unchanged, prefix="/a", base_path="", request_path="/a/x") is unchanged
+
+
+def test_rewrite_set_cookies_maps_every_path_and_domain():
+    headers = CIMultiDict(
+        [
+            ("Set-Cookie", f"a=1; Domain={HOST}; Path=/"),
+            ("Content-Type", "text/plain"),
+            ("set-cookie", "b=2; path=/x; Secure"),
+            ("Set-Cookie", "c=3; Domain=example.com"),
+        ]
+    )
+    rewrite_set_cookies(headers, upstream_host=HOST, prefix="/a", base_path="", request_path="/a")
+    assert headers.getall("Set-Cookie") == ["a=1; Path=/a", "b=2; path=/a/x; Secure", "c=3; Domain=example.com; Path=/a"]
     assert headers["Content-Type"] == "text/plain"

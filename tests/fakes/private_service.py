@@ -297,6 +297,15 @@ class PrivateService:
 
     async def _set_cookie(self, request: web.Request) -> web.Response:
         response = web.Response(text="cookie set\n")
+        paths = request.query.getall("path", [])
+        if paths:
+            # ?path=P (repeatable): one cookie per value, session, session1, ... with
+            # Path=P, or no Path attribute at all for an empty value.
+            for i, path in enumerate(paths):
+                name = "session" if i == 0 else f"session{i}"
+                cookie = f"{name}=fake-session; Domain={self.cookie_domain}; HttpOnly"
+                response.headers.add(hdrs.SET_COOKIE, cookie + (f"; Path={path}" if path else ""))
+            return response
         response.set_cookie(
             "session", "fake-session", domain=self.cookie_domain, path="/", httponly=True
         )
