@@ -1,11 +1,14 @@
 """A tiny upload sink for the benchmark: reads a request body to the end and says how many bytes came.
 
-    python bench/sink.py PORT
+    python bench/sink.py PORT [--uvloop]
 
 POST (or PUT) any path: the body is read in full and discarded, and the reply
 is ``200`` with the byte count as text, so the benchmark can check that a 1 GiB
 upload arrived intact. nginx cannot take a large POST to a static file, hence
 this helper. It listens on 127.0.0.1 only and prints ``ready`` once it does.
+
+With ``--uvloop`` it runs on uvloop, as the proxy does: the benchmark's floor
+for idle memory, a bare aiohttp server on the proxy's own stack.
 """
 
 from __future__ import annotations
@@ -35,6 +38,12 @@ async def main(port: int) -> None:
 
 if __name__ == "__main__":
     try:
-        asyncio.run(main(int(sys.argv[1])))
+        if "--uvloop" in sys.argv[2:]:
+            import uvloop
+
+            with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
+                runner.run(main(int(sys.argv[1])))
+        else:
+            asyncio.run(main(int(sys.argv[1])))
     except KeyboardInterrupt:
         pass

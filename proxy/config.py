@@ -6,7 +6,6 @@ can fix a file in one pass. This module imports nothing from the package.
 
 from __future__ import annotations
 
-import difflib
 import ipaddress
 import os
 import re
@@ -223,6 +222,8 @@ def _names(kinds: tuple[type, ...]) -> str:
 
 
 def _suggest(word: str, choices: list[str] | tuple[str, ...]) -> str:
+    import difflib  # only for a config with a typo: not loaded by a running proxy
+
     near = difflib.get_close_matches(word, list(choices), n=1, cutoff=0.6)
     return f" (did you mean {near[0]!r}?)" if near else ""
 

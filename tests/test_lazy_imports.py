@@ -4,7 +4,8 @@ google-auth and requests are imported only when an identity source that needs
 them is built; prometheus-client only at the first metrics scrape. Each check
 runs in a fresh interpreter, because this test process has google-auth loaded
 already (tests/fakes). The watched modules cost ~15 MiB (google-auth's service
-account path with requests) and ~1 MiB (prometheus-client) of resident memory.
+account path with requests) and ~1 MiB (prometheus-client) of resident memory;
+difflib (~0.15 MiB) is for the "did you mean" of a config error only.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ from prometheus_client.parser import text_string_to_metric_families
 ROOT = Path(__file__).resolve().parent.parent
 
 #: Modules a static-token proxy must not carry until something asks for them.
-WATCHED = ["google.auth", "google.oauth2", "google.auth.transport.requests", "requests", "urllib3", "prometheus_client"]
+WATCHED = ["google.auth", "google.oauth2", "google.auth.transport.requests", "requests", "urllib3", "prometheus_client", "difflib"]
 
 # Runs in the child: the command line's own config path, the real app and server on
 # loopback, one proxied request, then one scrape; prints what was loaded when.
