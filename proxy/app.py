@@ -136,6 +136,12 @@ class ProxyFrontDoor:
         door = self
 
         class ProxyRequest(web.Request):
+            def get(self, key: Any, default: Any = None) -> Any:
+                # The request's own dict (aiohttp keeps it in _state), without
+                # Mapping.get's two Python calls and a KeyError for each missing key:
+                # several lookups per request, most of them for keys not set.
+                return self._state.get(key, default)
+
             # The hook aiohttp calls as a response's headers go out; requests that
             # went through the Application (match_info set) get its signals as before.
             async def _prepare_hook(self, response: web.StreamResponse) -> None:

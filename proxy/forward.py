@@ -68,6 +68,19 @@ async def _capped(stream: aiohttp.StreamReader, cap: int) -> AsyncIterator[bytes
         yield chunk
 
 
+class _WholeResponse(web.StreamResponse):
+    """A relayed response whose whole body is already in hand: head and body in one write.
+
+    aiohttp's StreamResponse writes its head at prepare(), right for a body that
+    may take a while (a stream, server-sent events), and one more system call per
+    response than needed when the body came with the head. web.Response holds its
+    head for the body by this class attribute, which aiohttp offers no public
+    switch for; it is set only here, and only for bodies that have fully arrived.
+    """
+
+    _send_headers_immediately = False
+
+
 class Forwarder:
     """Forwards requests for a router's routes through one shared ClientSession."""
 
@@ -96,6 +109,9 @@ class Forwarder:
         self.lean = lean
         #: Fails a relayed body whose upstream connection is lost mid-way (truncation.py).
         self.lost_bodies = LostBodyWatch()
+        #: The loop serving the app, from its first request (asyncio.get_running_loop
+        #: makes a system call, getpid, each time on Python 3.11).
+        self._loop: asyncio.AbstractEventLoop | None = None
 
     async def __call__(self, request: web.Request) -> web.StreamResponse:
         self.inflight += 1
@@ -221,7 +237,9 @@ class Forwarder:
         lean = self.lean
         r = route.route
         head_only = request.method == hdrs.METH_HEAD
-        loop = asyncio.get_running_loop()
+        loop = self._loop
+        if loop is None:
+            loop = self._loop = asyncio.get_running_loop()
         started = loop.time()
 
         async def send(head: bytes) -> Any:
@@ -245,7 +263,9 @@ class Forwarder:
         # Time to response headers, for the access log and the latency histogram.
         request[UPSTREAM_SECONDS] = loop.time() - started
         try:
-            out = web.StreamResponse(status=conn.status, reason=conn.reason, headers=self._response_headers(request, route, conn.client_headers()))
+            # A body that came complete with the head (most small ones) leaves in the same write.
+            kind = _WholeResponse if conn.complete else web.StreamResponse
+            out = kind(status=conn.status, reason=conn.reason, headers=self._response_headers(request, route, conn.client_headers()))
             await out.prepare(request)
             writer, transport = request.writer, request.transport
             try:
@@ -277,7 +297,7 @@ class Forwarder:
                 if request.transport is not None:
                     request.transport.abort()
                 return out
-            # A small body that came complete goes out with the headers in one write.
+            # A body that came complete goes out here, with the head if it is still held.
             await out.write_eof(data)
             return out
         finally:

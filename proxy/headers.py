@@ -37,6 +37,13 @@ def connection_tokens(headers: Headers) -> set[str]:
     return names
 
 
+#: Header name, as a client spelled it -> whether it is dropped on the way upstream,
+#: for requests whose Connection header names nothing (the name alone decides then).
+#: Bounded: names past the limit are simply decided each time.
+_DROPPED: dict[str, bool] = {}
+_DROPPED_MAX = 512
+
+
 def _dropped_from_request(name: str, named_in_connection: set[str]) -> bool:
     lower = name.lower()
     if lower in HOP_BY_HOP or lower in named_in_connection:
@@ -68,12 +75,23 @@ def upstream_request_headers(
     if token_header == "x-serverless-authorization":
         keep_lower.add("authorization")
     named = connection_tokens(incoming)
-    out: CIMultiDict[str] = CIMultiDict()
+    kept: list[tuple[str, str]] = []
     for name, value in incoming.items():
-        if name.lower() in keep_lower and name.lower() not in named and "_" not in name:
-            out.add(name, value)
-        elif not _dropped_from_request(name, named):
-            out.add(name, value)
+        if keep_lower and name.lower() in keep_lower and name.lower() not in named and "_" not in name:
+            kept.append((name, value))
+            continue
+        if named:
+            dropped = _dropped_from_request(name, named)
+        else:
+            known = _DROPPED.get(name)
+            if known is None:
+                known = _dropped_from_request(name, named)
+                if len(_DROPPED) < _DROPPED_MAX:
+                    _DROPPED[name] = known
+            dropped = known
+        if not dropped:
+            kept.append((name, value))
+    out: CIMultiDict[str] = CIMultiDict(kept)
     # Inject last: nothing above can have left a second copy of these.
     out[hdrs.HOST] = host
     if client_ip:

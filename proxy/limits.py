@@ -130,10 +130,10 @@ class HardenedRequestHandler(RequestHandler):
             self._arm_head_deadline(started=False)
 
     def data_received(self, data: bytes) -> None:
-        # The first bytes of a head on an idle kept-alive connection start the clock.
-        if data and self._head_timer is None and self._waiter is not None and not self._waiter.done():
-            self._arm_head_deadline(started=True)
-        elif data and self._head_timer is not None:
+        # The first bytes of a head on an idle kept-alive connection start the clock,
+        # unless they hold the whole head (most do): no timer to make and cancel then.
+        awaited = bool(data) and self._head_timer is None and self._waiter is not None and not self._waiter.done()
+        if data and self._head_timer is not None:
             self._head_started = True
         parsed = self._request_count
         super().data_received(data)
@@ -141,6 +141,8 @@ class HardenedRequestHandler(RequestHandler):
             # A complete head (or a parse error, which closes the connection anyway).
             self._cancel_head_deadline()
             self._fail_streaming_body()
+        elif awaited and self.transport is not None and not self.transport.is_closing():
+            self._arm_head_deadline(started=True)
 
     def _fail_streaming_body(self) -> None:
         """Fail the body of the request being handled if the parser just gave up on it.
@@ -168,7 +170,7 @@ class HardenedRequestHandler(RequestHandler):
     def _arm_head_deadline(self, started: bool) -> None:
         self._head_count = self._request_count
         self._head_started = started
-        self._head_timer = asyncio.get_running_loop().call_later(self._limits.header_timeout, self._head_deadline)
+        self._head_timer = self._loop.call_later(self._limits.header_timeout, self._head_deadline)
 
     def _cancel_head_deadline(self) -> None:
         if self._head_timer is not None:

@@ -92,6 +92,9 @@ class JsonFormatter(logging.Formatter):
     becomes the entry's HttpRequest; every other field lands in ``jsonPayload``.
     """
 
+    #: access_line needs the request's fields (the text format does not).
+    wants_fields = True
+
     def format(self, record: logging.LogRecord) -> str:
         message = record.getMessage()
         if record.exc_info or record.exc_text:
@@ -108,8 +111,11 @@ class JsonFormatter(logging.Formatter):
             _add_access_fields(entry, http, getattr(record, "route", "-"), getattr(record, "upstream_seconds", None))
         return json.dumps(entry, ensure_ascii=False, separators=(",", ":"))
 
-    def access_line(self, name: str, message: str, created: float, msecs: float, fields: HttpRequestFields, route: str, upstream: float | None) -> str:
+    def access_line(
+        self, name: str, message: str, created: float, msecs: float, fields: HttpRequestFields | None, route: str, upstream: float | None
+    ) -> str:
         """What ``format`` makes of an access record with these attributes, without the record."""
+        assert fields is not None  # wants_fields
         entry: dict[str, Any] = {"severity": "INFO", "message": message, "time": _rfc3339(created), "logger": name}
         _add_access_fields(entry, fields, route, upstream)
         return json.dumps(entry, ensure_ascii=False, separators=(",", ":"))
@@ -151,7 +157,12 @@ class TextFormatter(logging.Formatter):
         record.asctime = self.formatTime(record)
         return f"{record.asctime} {record.levelname} {record.name}: {record.message}"
 
-    def access_line(self, name: str, message: str, created: float, msecs: float, fields: HttpRequestFields, route: str, upstream: float | None) -> str:
+    #: The text line is the message: access_line is given no request fields.
+    wants_fields = False
+
+    def access_line(
+        self, name: str, message: str, created: float, msecs: float, fields: HttpRequestFields | None, route: str, upstream: float | None
+    ) -> str:
         """What ``format`` makes of an access record with these attributes, without the record."""
         return f"{self._asctime(created, msecs)} INFO {name}: {message}"
 
@@ -302,9 +313,6 @@ class AccessLogger(AbstractAccessLogger):
             method = redact(method)
         upstream_text = f" upstream {upstream * 1000:.1f}ms" if upstream is not None else ""
         message = f'{route} "{method} {path}" {status} {bytes_out}B {time * 1000:.1f}ms{upstream_text}'
-        fields = HttpRequestFields(
-            method, path, status, bytes_out, time, request.remote, request.version, bytes_in, request.headers.get(hdrs.USER_AGENT)
-        )
         direct = _direct_handler(logger)
         if direct is not None:
             # The command line's logging, as setup_logging made it: the line its formatter
@@ -312,8 +320,10 @@ class AccessLogger(AbstractAccessLogger):
             # (tests/test_access_log.py checks that the lines are the same).
             handler, formatter = direct
             created, msecs = _now()
+            fields = _fields(request, method, path, status, bytes_out, time, bytes_in) if formatter.wants_fields else None
             handler.add_line(formatter.access_line(logger.name, message, created, msecs, fields, route, upstream))
             return
+        fields = _fields(request, method, path, status, bytes_out, time, bytes_in)
         record = _access_record(logger.name, message)
         d = record.__dict__
         d["http_request"] = fields
@@ -378,6 +388,14 @@ class HttpRequestFields:
         return http
 
 
+def _fields(
+    request: web.BaseRequest, method: str, path: str, status: int, bytes_out: int, seconds: float, bytes_in: int
+) -> HttpRequestFields:
+    return HttpRequestFields(
+        method, path, status, bytes_out, seconds, request.remote, request.version, bytes_in, request.headers.get(hdrs.USER_AGENT)
+    )
+
+
 def _now(ns: int | None = None) -> tuple[float, float]:
     """(created, msecs) as a LogRecord has them."""
     now = time.time_ns() if ns is None else ns
@@ -404,7 +422,8 @@ def _direct_handler(logger: logging.Logger) -> tuple[LoopBatchingHandler, TextFo
     if (
         logger.filters
         or logger.disabled
-        or root.handlers != [handler]
+        or len(root.handlers) != 1
+        or root.handlers[0] is not handler
         or handler.filters != filters
         or handler.formatter is not formatter
         or handler.level > logging.INFO

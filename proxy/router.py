@@ -9,6 +9,7 @@ only; nothing in the request can change the host.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import NamedTuple
 from urllib.parse import unquote
 
 from yarl import URL
@@ -18,9 +19,11 @@ from .errors import BadRequest, NoRoute
 from .tokens import TokenKey
 
 
-@dataclass(frozen=True)
-class Target:
-    """A request target split once: raw path and raw query (without '?')."""
+class Target(NamedTuple):
+    """A request target split once: raw path and raw query (without '?').
+
+    A named tuple rather than a frozen dataclass: one is made per request.
+    """
 
     path: str
     query: str
@@ -97,12 +100,14 @@ def split_target(raw: str) -> Target:
         raise BadRequest("request target must be a path (absolute-form targets are not proxied)")
     path, sep, query = raw.partition("?")
     path = path.partition("#")[0]
+    if "." not in path and "%" not in path:
+        return Target(path, query)
     for segment in path.split("/"):
         if "." in segment or "%" in segment:
             decoded = unquote(segment)
             if decoded in (".", "..") or "/" in decoded and any(p in (".", "..") for p in decoded.split("/")):
                 raise BadRequest("path contains a . or .. segment")
-    return Target(path=path, query=query)
+    return Target(path, query)
 
 
 class Router:

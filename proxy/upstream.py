@@ -33,6 +33,10 @@ from .headers import HOP_BY_HOP
 from .router import CompiledRoute
 
 _HOP_BY_HOP = frozenset(name.encode() for name in HOP_BY_HOP)
+#: Response headers that frame the body.
+_FRAMING = frozenset({b"content-length", b"transfer-encoding"})
+#: Lengths of the names on_header looks for (Connection and the framing ones).
+_SPECIAL_LENGTHS = frozenset(len(n) for n in (b"connection", *_FRAMING))
 #: Methods the lean path carries (without a request body).
 METHODS = frozenset({hdrs.METH_GET, hdrs.METH_HEAD})
 #: Response body bytes queued for the client before reading from the upstream pauses
@@ -94,6 +98,10 @@ class _Connection(asyncio.BufferedProtocol):
         self.status = 0
         self.reason = ""
         self.raw_headers: list[tuple[bytes, bytes]] = []
+        #: Values of Connection headers (the names they list are hop-by-hop too).
+        self.connection_values: list[bytes] = []
+        #: Whether the head has a Content-Length or a Transfer-Encoding (its body's framing).
+        self.framed = False
         self.head_bytes = 0
         self.head_error: UpstreamProtocolError | None = None
         self.chunks: collections.deque[bytes] = collections.deque()
@@ -157,11 +165,19 @@ class _Connection(asyncio.BufferedProtocol):
     def on_header(self, name: bytes, value: bytes) -> None:
         # The same bounds aiohttp's client applies: a hostile upstream must not
         # push an unbounded head through the proxy's memory.
-        self.head_bytes += len(name) + len(value)
-        if len(name) + len(value) > MAX_FIELD_SIZE or len(self.raw_headers) >= MAX_HEADERS or self.head_bytes > MAX_HEAD_BYTES:
+        size = len(name) + len(value)
+        self.head_bytes += size
+        if size > MAX_FIELD_SIZE or len(self.raw_headers) >= MAX_HEADERS or self.head_bytes > MAX_HEAD_BYTES:
             self.head_error = UpstreamProtocolError("response headers too large")
             raise self.head_error
         self.raw_headers.append((name, value))
+        # The few names that matter here, told apart by length first (no lower() for the rest).
+        if len(name) in _SPECIAL_LENGTHS:
+            lower = name.lower()
+            if lower == b"connection":
+                self.connection_values.append(value)
+            elif lower in _FRAMING:
+                self.framed = True
 
     def on_headers_complete(self) -> None:
         status = self.parser.get_status_code()
@@ -169,13 +185,12 @@ class _Connection(asyncio.BufferedProtocol):
             # Informational (103 Early Hints): not relayed; the real answer follows.
             self.reason = ""
             self.raw_headers = []
+            self.connection_values = []
+            self.framed = False
             return
         self.status = status
         self.keep_alive = bool(self.parser.should_keep_alive())
-        names = {n.lower() for n, _ in self.raw_headers}
-        self.until_eof = (
-            b"content-length" not in names and b"transfer-encoding" not in names and status not in (204, 304)
-        )
+        self.until_eof = not self.framed and status not in (204, 304)
         if self.timer is not None:
             self.timer.cancel()
             self.timer = None
@@ -296,15 +311,16 @@ class _Connection(asyncio.BufferedProtocol):
         """The response headers for the client: decoded as aiohttp's client decodes them, and
         hop-by-hop ones dropped as headers.downstream_response_headers does, in one pass."""
         dropped = _HOP_BY_HOP
-        for name, value in self.raw_headers:
-            if name.lower() == b"connection":
-                dropped = dropped | {t.strip().lower() for t in value.split(b",")}
-        h: CIMultiDict[str] = CIMultiDict()
-        for name, value in self.raw_headers:
-            # Names are tokens (llhttp checks): ASCII, so bytes and text lower-case alike.
-            if name.lower() not in dropped:
-                h.add(name.decode("utf-8", "surrogateescape"), value.decode("utf-8", "surrogateescape"))
-        return h
+        for value in self.connection_values:
+            dropped = dropped | {t.strip().lower() for t in value.split(b",")}
+        # Names are tokens (llhttp checks): ASCII, so bytes and text lower-case alike.
+        return CIMultiDict(
+            [
+                (name.decode("utf-8", "surrogateescape"), value.decode("utf-8", "surrogateescape"))
+                for name, value in self.raw_headers
+                if name.lower() not in dropped
+            ]
+        )
 
     def reusable(self) -> bool:
         return self.complete and self.keep_alive and not self.closed and not self.chunks and self.transport is not None
@@ -377,11 +393,9 @@ class LeanClient:
         """
         key = (route.scheme, route.host, route.port)
         idle = self._idle.get(key)
-        loop = asyncio.get_running_loop()
-        now = loop.time()
         while idle:
             conn = idle.pop()
-            if conn.closed or now - conn.idle_since > _IDLE_SECONDS:
+            if conn.closed or conn.loop.time() - conn.idle_since > _IDLE_SECONDS:
                 conn.close()
                 continue
             try:
@@ -416,7 +430,7 @@ class LeanClient:
             conn.close()
             return
         conn.parser = None
-        conn.idle_since = asyncio.get_running_loop().time()
+        conn.idle_since = conn.loop.time()
         idle.append(conn)
 
     def close(self) -> None:

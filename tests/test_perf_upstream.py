@@ -245,3 +245,65 @@ async def test_an_oversized_response_head_is_a_502(start_proxy, sa_key, extra):
                 assert "response headers too large" in await r.text()
     finally:
         await up.stop()
+
+
+async def test_a_body_that_came_with_its_head_leaves_in_one_write_and_a_late_one_does_not_wait(start_proxy, sa_key, monkeypatch):
+    from aiohttp.http_writer import StreamWriter
+    from aiohttp.web_protocol import RequestHandler
+
+    # Counts what aiohttp's response writer hands to the client's transport. Observation
+    # only (the calls go through unchanged); aiohttp has no public hook for it.
+    writes: list[bytes] = []
+    original_write, original_writelines = StreamWriter._write, StreamWriter._writelines
+
+    def serving(writer):  # the server side's writers, not the test client's
+        return isinstance(writer._protocol, RequestHandler)
+
+    def write(self, chunk):
+        if serving(self):
+            writes.append(bytes(chunk))
+        return original_write(self, chunk)
+
+    def writelines(self, chunks):
+        if serving(self):
+            writes.append(b"".join(chunks))
+        return original_writelines(self, chunks)
+
+    monkeypatch.setattr(StreamWriter, "_write", write)
+    monkeypatch.setattr(StreamWriter, "_writelines", writelines)
+    release = asyncio.Event()
+
+    async def serve(reader, writer, n):
+        while True:
+            head = await up.head(reader)
+            if head.startswith(b"GET /late "):
+                # The head now, the body (chunked: relayed as it comes, no write before
+                # its first part) only once the client has seen the head.
+                writer.write(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n")
+                await writer.drain()
+                await release.wait()
+                writer.write(b"4\r\nlate\r\n0\r\n\r\n")
+            else:
+                writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nhello")
+            await writer.drain()
+
+    up = await Upstream(serve).start()
+    try:
+        proxy = await start_proxy(_config(sa_key[0], f"http://127.0.0.1:{up.port}"))
+        async with aiohttp.ClientSession() as client:
+            writes.clear()  # the token endpoint's answers, while the proxy started
+            async with client.get(f"{proxy.url}/whole") as r:
+                assert (r.status, await r.read()) == (200, b"hello")
+            assert len(writes) == 1, writes
+            assert writes[0].startswith(b"HTTP/1.1 200 OK\r\n") and writes[0].endswith(b"\r\n\r\nhello")
+            writes.clear()
+            async with asyncio.timeout(10):
+                async with client.get(f"{proxy.url}/late") as r:
+                    # The head came while the upstream still holds the body back.
+                    assert r.status == 200 and r.headers["Transfer-Encoding"] == "chunked"
+                    assert writes and writes[0].endswith(b"\r\n\r\n")
+                    release.set()
+                    assert await r.read() == b"late"
+    finally:
+        release.set()
+        await up.stop()
