@@ -61,7 +61,13 @@ TARGETS = ("direct", "nginx", "proxy")
 EXTRAS = ("startup", "c1000", "refresh", "idleconn", "bigfile")
 #: Extras measured under the same pinning as the main table (in the first mode).
 MODE_EXTRAS = ("c1000", "refresh")
-LABELS = {"direct": "direct", "nginx": "nginx-proxy", "proxy": "idtoken-proxy", "proxy-metadata": "idtoken-proxy (metadata)"}
+LABELS = {
+    "direct": "direct",
+    "nginx": "nginx-proxy",
+    "proxy": "idtoken-proxy",
+    "proxy-metadata": "idtoken-proxy (metadata)",
+    "bare": "bare aiohttp",
+}
 #: Issue targets, printed beside the measured ratios (the bench never fails on them).
 GOALS = {"100b": ">= 0.14 x nginx-proxy", "1m": ">= 0.75 x direct"}
 
@@ -481,6 +487,7 @@ def print_tables(res: Results, args: argparse.Namespace) -> None:
                 f"{s['connections']} vs {WRK_CONNECTIONS} connections ({s['mode']}, 100b): {s['label']} {s['rps']:.0f} vs {s['rps_64']:.0f} req/s "
                 f"= {s['ratio']:.3f} (issue: >= 0.90 for idtoken-proxy); p99 {_fmt_ms(s['p99_ms'])} vs {_fmt_ms(s['p99_64_ms'])}; "
                 f"peak RSS {_fmt_mib(s['peak_rss_kib'])}"
+                + (f"; CPU per request {s['cpu_us']:.0f} vs {s['cpu_us_64']:.0f} us" if s.get("cpu_us") and s.get("cpu_us_64") else "")
                 + (f"; listen queue overflows {overflows} (whole machine)" if overflows is not None else "")
             )
     if "refresh" in e:
@@ -646,6 +653,12 @@ class Bench:
             argv = [sys.executable, "-m", "proxy", "--config", str(self.tmp / config_name), *self.args.proxy_arg]
             proc = self.procs.start(LABELS[target], argv, self._log(target), cpu=cpu, env=env)
             return proc, self.ports["proxy"], self._ready(proc, self.ports["proxy"])
+        if target == "bare":
+            # A bare aiohttp server on uvloop answering by itself: what the stack costs.
+            port = free_port()
+            argv = [sys.executable, str(ROOT / "bench" / "sink.py"), str(port), "--uvloop"]
+            proc = self.procs.start(LABELS[target], argv, self._log(target), cpu=cpu)
+            return proc, port, self._ready(proc, port)
         # --compare NAME=COMMAND: another proxy, for side-by-side figures.
         command = dict(self.args.compare)[target]
         port = free_port()
@@ -751,11 +764,9 @@ class Bench:
         The floor for the proxy's idle figure: the stack it is built on, with
         no config, routes, identity, logging or metrics.
         """
-        port = free_port()
-        argv = [sys.executable, str(ROOT / "bench" / "sink.py"), str(port), "--uvloop"]
-        proc = self.procs.start("bare aiohttp", argv, self._log("bare-aiohttp"))
+        proc, _, _ = self.start_target("bare", None)
+        assert proc is not None
         try:
-            wait_ready(self.procs, proc, port, "/100b")
             time.sleep(1.0)
             return memory_kib(proc.pid)["VmRSS"]
         finally:
@@ -787,10 +798,12 @@ class Bench:
 
     def many_connections(self, mode: str, connections: int) -> None:
         out = []
-        for target in ("nginx", "proxy"):
-            base = self.results.find(mode, "100b", target) or self.measure(mode, "100b", target)
+        # nginx-proxy and a bare aiohttp server: how much of the loss is the machine's and the stack's.
+        for target in ("nginx", "bare", "proxy"):
+            record = target != "bare"  # a reference for this extra only, not a row of the main table
+            base = self.results.find(mode, "100b", target) or self.measure(mode, "100b", target, record=record)
             overflows0 = listen_overflows()
-            row = self.measure(mode, "100b", target, connections)
+            row = self.measure(mode, "100b", target, connections, record=record)
             overflows1 = listen_overflows()
             out.append(
                 {
@@ -803,6 +816,8 @@ class Bench:
                     "p99_ms": row.wrk.p99_ms,
                     "p99_64_ms": base.wrk.p99_ms,
                     "peak_rss_kib": row.peak_rss_kib,
+                    "cpu_us": row.cpu_us_per_req,
+                    "cpu_us_64": base.cpu_us_per_req,
                     "listen_overflows": None if overflows0 is None or overflows1 is None else overflows1 - overflows0,
                 }
             )

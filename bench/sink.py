@@ -7,8 +7,9 @@ is ``200`` with the byte count as text, so the benchmark can check that a 1 GiB
 upload arrived intact. nginx cannot take a large POST to a static file, hence
 this helper. It listens on 127.0.0.1 only and prints ``ready`` once it does.
 
-With ``--uvloop`` it runs on uvloop, as the proxy does: the benchmark's floor
-for idle memory, a bare aiohttp server on the proxy's own stack.
+With ``--uvloop`` it runs on uvloop, as the proxy does: the benchmark's
+reference for a bare aiohttp server on the proxy's own stack (idle memory, and
+cost growth with many connections). For that, ``GET /NNNb`` answers NNN bytes.
 """
 
 from __future__ import annotations
@@ -20,6 +21,9 @@ from aiohttp import web
 
 
 async def sink(request: web.Request) -> web.Response:
+    size = request.path[1:-1]
+    if request.method == "GET" and request.path.endswith("b") and size.isdigit():
+        return web.Response(body=b"x" * int(size))
     seen = 0
     async for chunk in request.content.iter_any():
         seen += len(chunk)
@@ -31,7 +35,7 @@ async def main(port: int) -> None:
     app.router.add_route("*", "/{tail:.*}", sink)
     runner = web.AppRunner(app, access_log=None, handle_signals=False)
     await runner.setup()
-    await web.TCPSite(runner, "127.0.0.1", port).start()
+    await web.TCPSite(runner, "127.0.0.1", port, backlog=4096).start()  # as the proxy (many-connection runs)
     print("ready", flush=True)
     await asyncio.Event().wait()
 
