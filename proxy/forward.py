@@ -175,7 +175,9 @@ class Forwarder:
                 return await self._forward_lean(request, route, path_qs, head, headers, token)
         url = route.upstream_url(rest, target.query)
         if upgrade:
-            return await websocket.relay(request, self.session, url, headers, route, self.websockets, self.proxies.get(route.name))
+            return await websocket.relay(
+                request, self.session, url, headers, route, self.websockets, self.proxies.get(route.name), tokens=self.tokens, token=token
+            )
         loop = asyncio.get_running_loop()
         started = loop.time()
         upstream = await self._send(route, request.method, url, headers, body)

@@ -1,18 +1,26 @@
 """Streams through the proxy: websockets (token on the upgrade, messages both ways,
-close codes, subprotocols, shutdown) and server-sent events delivered as they come."""
+close codes, subprotocols, shutdown, one retry after a 401, the upstream's 101
+headers) and server-sent events delivered as they come."""
 
 from __future__ import annotations
 
 import asyncio
+import base64
+import hashlib
+import os
 import threading
+import time
 from collections.abc import Iterator
+from urllib.parse import quote
 
 import aiohttp
 import pytest
 from aiohttp import WSMsgType, web
+from multidict import CIMultiDict
 
 from proxy.server import close_websockets
-from proxy.websocket import BAD_GATEWAY, sendable_code
+from proxy.tokens import TokenCache
+from proxy.websocket import BAD_GATEWAY, sendable_code, switching_headers
 from tests.fakes import BackgroundServer
 from tests.test_forward import raw_exchange
 
@@ -216,3 +224,174 @@ async def test_sse_all_events_in_order(start_proxy, client, sa_key, private_serv
     async with client.get(f"{proxy.url}/sse", params={"n": "5", "interval": "0.01"}) as r:
         body = await r.read()
     assert body == b"".join(f"id: {i}\ndata: event {i}\n\n".encode() for i in range(5))
+
+
+# --------------------------------------------------------------------------- 401 on the upgrade: one retry
+
+
+class SkewedClock:
+    """The token cache's clock, moved forward so the current token counts as a minute old."""
+
+    def __init__(self) -> None:
+        self.offset = 0.0
+
+    def __call__(self) -> float:
+        return time.time() + self.offset
+
+
+async def aged_token_proxy(start_proxy, sa_key, upstream: str, header: str = "authorization"):  # type: ignore[no-untyped-def]
+    clock = SkewedClock()
+    proxy = await start_proxy(sa_config(sa_key[0], {"upstream": upstream, "header": header}), tokens=TokenCache(clock=clock))
+    # A forced refresh needs a current token over a minute old (tokens.py): no waiting for it.
+    clock.offset = 61
+    return proxy
+
+
+async def cached_token(proxy) -> str:  # type: ignore[no-untyped-def]
+    (route,) = proxy.state.router.routes
+    return await proxy.state.tokens.get(route.token_key)
+
+
+def upgrade_request(target: str, port: int, *extra: str) -> tuple[bytes, str]:
+    """A valid upgrade request and the Sec-WebSocket-Accept it must be answered with."""
+    key = base64.b64encode(os.urandom(16)).decode()
+    accept = base64.b64encode(hashlib.sha1((key + "258EAFA5-E914-47DA-95CA-C5AB0DC85B11").encode()).digest()).decode()
+    lines = [
+        f"GET {target} HTTP/1.1",
+        f"Host: 127.0.0.1:{port}",
+        "Upgrade: websocket",
+        "Connection: Upgrade",
+        f"Sec-WebSocket-Key: {key}",
+        "Sec-WebSocket-Version: 13",
+        *extra,
+    ]
+    return ("\r\n".join(lines) + "\r\n\r\n").encode(), accept
+
+
+async def upgrade_head(port: int, request: bytes) -> tuple[int, list[tuple[str, str]]]:
+    """Send an upgrade request; the status and header lines of the answer, as on the wire."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    try:
+        writer.write(request)
+        await writer.drain()
+        head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 10)
+    finally:
+        writer.close()
+    status_line, *lines = head.decode("latin-1").split("\r\n")
+    headers = [(k.strip(), v.strip()) for k, _, v in (line.partition(":") for line in lines if line)]
+    return int(status_line.split()[1]), headers
+
+
+def values(headers: list[tuple[str, str]], name: str) -> list[str]:
+    return [v for k, v in headers if k.lower() == name.lower()]
+
+
+async def test_upgrade_refused_with_401_is_retried_once_with_a_new_token(start_proxy, client, sa_key, google, private_service):
+    proxy = await aged_token_proxy(start_proxy, sa_key, private_service.url)
+    assert google.calls["token"] == 1
+    revoked = await cached_token(proxy)
+    private_service.revoke(revoked)
+    # RS256 is deterministic: a token minted in the same second must still differ from the revoked one.
+    google.token_lifetime -= 1
+    async with client.ws_connect(f"{proxy.url}/ws") as ws:
+        await ws.send_str("after one refetch")
+        assert await ws.receive_str() == "after one refetch"
+    assert google.calls["token"] == 2
+    refused, accepted = private_service.requests
+    assert refused.refused == (401, "401 Unauthorized: token revoked")
+    assert refused.header("Authorization") == f"Bearer {revoked}"
+    fresh = await cached_token(proxy)
+    assert fresh != revoked
+    assert accepted.refused is None and accepted.raw_path == "/ws"
+    assert accepted.header_values("Authorization") == [f"Bearer {fresh}"]
+    # The new token is the cache's: the next websocket needs neither a fetch nor a retry.
+    async with client.ws_connect(f"{proxy.url}/ws") as ws:
+        await ws.send_str("again")
+        assert await ws.receive_str() == "again"
+    assert google.calls["token"] == 2 and len(private_service.requests) == 3
+
+
+async def test_upgrade_still_refused_after_the_retry_gets_the_refusal_without_looping(start_proxy, sa_key, google, private_service):
+    proxy = await aged_token_proxy(start_proxy, sa_key, private_service.url)
+    # The service no longer accepts the route's audience: every token is refused.
+    private_service.audiences = ["https://rotated.example"]
+    google.token_lifetime -= 1
+    request, _ = upgrade_request("/ws", proxy.port)
+    status, body = await raw_exchange(proxy.port, request)
+    assert b" 401 " in status
+    # The same one-line answer as a refusal without a retry.
+    text = body.decode()
+    assert text.startswith(f"idtoken-proxy: 401 {private_service.host}: upstream refused the websocket upgrade (401 ")
+    assert text.endswith(")\n") and text.count("\n") == 1
+    assert [r.refused[0] if r.refused else None for r in private_service.requests] == [401, 401]
+    assert private_service.requests[0].header("Authorization") != private_service.requests[1].header("Authorization")
+    assert google.calls["token"] == 2
+    # At once again: one forced refresh per key per minute, so one attempt and no fetch.
+    status, _ = await raw_exchange(proxy.port, request)
+    assert b" 401 " in status
+    assert len(private_service.requests) == 3 and google.calls["token"] == 2
+
+
+async def test_upgrade_refused_with_401_is_not_retried_in_x_serverless_authorization_mode(start_proxy, client, sa_key, google, private_service):
+    proxy = await aged_token_proxy(start_proxy, sa_key, private_service.url, header="x-serverless-authorization")
+    private_service.revoke(await cached_token(proxy))
+    google.token_lifetime -= 1
+    with pytest.raises(aiohttp.WSServerHandshakeError) as e:
+        await client.ws_connect(f"{proxy.url}/ws")
+    assert e.value.status == 401
+    assert len(private_service.requests) == 1 and google.calls["token"] == 1
+
+
+# --------------------------------------------------------------------------- the upstream's 101 headers
+
+
+async def test_headers_of_the_upstreams_101_reach_the_client(start_proxy, client, sa_key, private_service):
+    proxy = await start_proxy(sa_config(sa_key[0], {"prefix": "/svc", "upstream": private_service.url}))
+    added = [
+        "Set-Cookie: ws-session=abc; Domain=127.0.0.1; Path=/; HttpOnly",
+        "Set-Cookie: ws-pref=dark; Path=/chat",
+        "X-Ws-Session: 42",
+        # Not the client's: hop-by-hop, an extension this hop did not negotiate, the upstream's Date and Server.
+        "Keep-Alive: timeout=5",
+        "Sec-WebSocket-Extensions: permessage-deflate",
+        "Server: fake-cloud-run",
+        "Date: Thu, 01 Jan 1970 00:00:00 GMT",
+    ]
+    target = "/svc/ws?" + "&".join("header=" + quote(h) for h in added)
+    request, accept = upgrade_request(target, proxy.port, "Sec-WebSocket-Protocol: chat.v2, chat.v1")
+    status, headers = await upgrade_head(proxy.port, request)
+    assert status == 101
+    # Cookies as on any response: the upstream's Domain dropped, the Path moved under the prefix.
+    assert values(headers, "Set-Cookie") == ["ws-session=abc; Path=/svc; HttpOnly", "ws-pref=dark; Path=/svc/chat"]
+    assert values(headers, "X-Ws-Session") == ["42"]
+    assert values(headers, "Keep-Alive") == [] and values(headers, "Sec-WebSocket-Extensions") == []
+    # The handshake is the proxy's own, each header once; the subprotocol is the upstream's choice.
+    assert [v.lower() for v in values(headers, "Upgrade")] == ["websocket"]
+    assert [v.lower() for v in values(headers, "Connection")] == ["upgrade"]
+    assert values(headers, "Sec-WebSocket-Accept") == [accept]
+    assert values(headers, "Sec-WebSocket-Protocol") == ["chat.v2"]
+    assert len(values(headers, "Date")) == 1 and values(headers, "Date") != ["Thu, 01 Jan 1970 00:00:00 GMT"]
+    assert len(values(headers, "Server")) == 1 and values(headers, "Server") != ["fake-cloud-run"]
+    assert values(headers, "Content-Length") == [] and values(headers, "Transfer-Encoding") == []
+    # And the websocket behind such a 101 works.
+    async with client.ws_connect(f"{proxy.url}{target}", protocols=("chat.v2",)) as ws:
+        assert ws.protocol == "chat.v2"
+        await ws.send_str("with cookies")
+        assert await ws.receive_str() == "with cookies"
+
+
+@pytest.mark.parametrize(
+    "upstream_101, prefix, expected",
+    [
+        ([("X-Custom", "1"), ("Cache-Control", "no-store")], "/", [("X-Custom", "1"), ("Cache-Control", "no-store")]),
+        ([("Set-Cookie", "a=1; Domain=svc.run.app; Path=/")], "/", [("Set-Cookie", "a=1; Path=/")]),
+        ([("Set-Cookie", "a=1; Path=/"), ("Set-Cookie", "b=2; Domain=other.example")], "/p", [("Set-Cookie", "a=1; Path=/p"), ("Set-Cookie", "b=2; Domain=other.example")]),
+        ([("Connection", "Upgrade, X-Hop"), ("X-Hop", "1"), ("Upgrade", "websocket"), ("Keep-Alive", "timeout=5"), ("Transfer-Encoding", "chunked")], "/", []),
+        ([("Sec-WebSocket-Accept", "x"), ("Sec-WebSocket-Protocol", "chat"), ("Sec-WebSocket-Extensions", "permessage-deflate")], "/", []),
+        ([("Content-Length", "0"), ("Date", "Thu, 01 Jan 1970 00:00:00 GMT"), ("Server", "upstream"), ("Via", "1.1 google")], "/", [("Via", "1.1 google")]),
+        ([("Access-Control-Allow-Origin", "*"), ("access-control-allow-credentials", "true"), ("X-A", "1")], "/", [("X-A", "1")]),
+    ],
+)
+def test_switching_headers(upstream_101, prefix, expected):
+    out = switching_headers(CIMultiDict(upstream_101), upstream_host="svc.run.app", prefix=prefix, request_path=prefix.rstrip("/") + "/ws")
+    assert list(out.items()) == expected

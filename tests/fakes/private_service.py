@@ -9,6 +9,7 @@ The front (a middleware) behaves like Cloud Run's:
 - Accepted audiences: :attr:`PrivateService.audiences` (default: the service's
   URL) and the OAuth client ids registered with :meth:`accept_client_id` (user
   tokens).
+- A token passed to :meth:`revoke` is refused from then on (401), valid or not.
 - When XSA was checked the app sees it with the signature replaced by
   ``SIGNATURE_REMOVED_BY_GOOGLE``; ``Authorization`` passes through intact.
 
@@ -126,6 +127,7 @@ class PrivateService:
         self._certs_url = certs_url
         self._audiences = list(audiences) if audiences is not None else None
         self._client_ids = set(client_ids)
+        self._revoked: set[str] = set()
         self.require_auth = require_auth
         #: ``Domain=`` of the cookie ``/set-cookie`` sets (the service's public host).
         self.cookie_domain = cookie_domain
@@ -192,6 +194,11 @@ class PrivateService:
         with self._lock:
             self._client_ids.add(client_id)
 
+    def revoke(self, token: str) -> None:
+        """Refuse ``token`` (401) from now on, as if it had been revoked."""
+        with self._lock:
+            self._revoked.add(token)
+
     # -- records -------------------------------------------------------------
 
     @property
@@ -233,6 +240,9 @@ class PrivateService:
             raise _Refusal(401, f"401 Unauthorized: {_reason(str(exc))}") from None
         with self._lock:
             accepted = set(self.audiences) | self._client_ids
+            revoked = token in self._revoked
+        if revoked:
+            raise _Refusal(401, "401 Unauthorized: token revoked")
         if claims.get("aud") not in accepted:
             raise _Refusal(401, f"401 Unauthorized: wrong audience {claims.get('aud')!r}")
         if claims.get("iss") not in GOOGLE_ISSUERS:
@@ -428,6 +438,11 @@ async def _websocket(request: web.Request) -> web.WebSocketResponse:
     offered = request.headers.get(hdrs.SEC_WEBSOCKET_PROTOCOL, "")
     protocols = [p.strip() for p in offered.split(",") if p.strip()][:1]
     ws = web.WebSocketResponse(protocols=protocols)
+    # ?header=Name:Value (repeatable) adds a header to the 101; aiohttp's own handshake
+    # headers replace any of the same name, Date and Server given here are kept.
+    for item in request.query.getall("header", []):
+        name, _, value = item.partition(":")
+        ws.headers.add(name.strip(), value.strip())
     await ws.prepare(request)
     async for message in ws:
         if message.type == WSMsgType.TEXT:
