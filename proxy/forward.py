@@ -30,7 +30,7 @@ from .headers import (
     rewrite_set_cookies,
     upstream_request_headers,
 )
-from .logs import ROUTE, UPSTREAM_SECONDS
+from .logs import ROUTE, UPSTREAM_SECONDS, client_gone
 from .router import CompiledRoute, Router, split_target
 from .tokens import TokenCache
 from .truncation import LostBodyWatch
@@ -119,12 +119,26 @@ class Forwarder:
             return await self.forward(request)
         except ProxyError as e:
             request[ERROR_KEY] = e.reason
+            gone = client_gone(request, None)
+            if gone is not None:
+                # The client left first (its body cut mid-upload, say): nobody gets this answer.
+                return gone
             if isinstance(e, (BodyTooLarge, FramingError)):
                 # The rest of the body was not read: the connection cannot be reused.
                 resp = error_response(e)
                 resp.force_close()
                 return resp
             return error_response(e)
+        except (asyncio.CancelledError, ConnectionError) as e:
+            # The client went away before a response head was sent: aiohttp cancels the
+            # handler when the connection is lost, and a write finds it closing. The body
+            # paths (_relay, _forward_lean) answer for a client that leaves after the head;
+            # a websocket whose client vanishes after its 101 is cancelled out of the relay.
+            switched = isinstance(e, asyncio.CancelledError) and request.writer.output_size > 0 and websocket.is_upgrade(request)
+            gone = client_gone(request, 101 if switched else None)
+            if gone is None:
+                raise
+            return gone
         finally:
             self.inflight -= 1
 
@@ -292,6 +306,8 @@ class Forwarder:
                         if not data or (conn.complete and not conn.chunks):
                             break
                         await out.write(data)
+                # A body that came complete goes out here, with the head if it is still held.
+                await out.write_eof(data)
             except (Disconnected, UpstreamProtocolError) as e:
                 # Headers are sent: the only honest signal left is to cut the connection,
                 # so the client never mistakes a truncated body for a complete one.
@@ -299,8 +315,13 @@ class Forwarder:
                 if request.transport is not None:
                     request.transport.abort()
                 return out
-            # A body that came complete goes out here, with the head if it is still held.
-            await out.write_eof(data)
+            except (asyncio.CancelledError, ConnectionError):
+                # The client went away: a StreamResponse's head went out at prepare; a
+                # _WholeResponse's goes with its body in write_eof, one write, all or nothing.
+                gone = client_gone(request, out.status if kind is web.StreamResponse else None)
+                if gone is None:
+                    raise
+                return gone
             return out
         finally:
             lean.release(route, conn)
@@ -337,14 +358,25 @@ class Forwarder:
             try:
                 async for chunk in upstream.content.iter_any():
                     await out.write(chunk)
+                await out.write_eof()
             except aiohttp.ClientError as e:
+                gone = client_gone(request, out.status)
+                if gone is not None:
+                    # A write that found the client's connection closing (aiohttp's
+                    # ClientConnectionResetError is a ClientError): the client left, not the upstream.
+                    return gone
                 # Headers are sent: the only honest signal left is to cut the connection,
                 # so the client never mistakes a truncated body for a complete one.
                 log.warning("%s: upstream broke off the response body (%s); aborting the client connection", route.name, _client_error(e))
                 if request.transport is not None:
                     request.transport.abort()
                 return out
-            await out.write_eof()
+            except (asyncio.CancelledError, ConnectionError):
+                # The client went away mid-body (the head went out at prepare).
+                gone = client_gone(request, out.status)
+                if gone is None:
+                    raise
+                return gone
             return out
         finally:
             LostBodyWatch.stop(watch, upstream)

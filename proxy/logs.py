@@ -21,7 +21,7 @@ import time
 from typing import Any, Protocol
 
 from aiohttp import hdrs, web
-from aiohttp.abc import AbstractAccessLogger
+from aiohttp.abc import AbstractAccessLogger, AbstractStreamWriter
 
 from .errors import redact
 
@@ -283,7 +283,8 @@ class AccessLogger(AbstractAccessLogger):
     aiohttp calls it once a response has been sent, with its final size (also for
     requests it refused itself, such as a malformed request line); the same call
     feeds the request metrics (``observer``), so they cost no extra work on the
-    request path.
+    request path. A request whose client went away before its response was
+    complete gets its line from ``log_client_gone`` instead (see ``client_gone``).
     """
 
     include_query = False
@@ -336,6 +337,105 @@ class AccessLogger(AbstractAccessLogger):
     def enabled(self) -> bool:
         # Always called, even with the access log below the level: it also feeds the metrics.
         return True
+
+    def log_client_gone(self, request: web.BaseRequest, response: web.StreamResponse, time: float) -> None:
+        """``log`` for a request whose client went away before its response was complete.
+
+        ``client_gone`` makes this the connection's ``log`` for its last request:
+        the same line and metrics, from the ClientGone response's status and
+        bytes, with `` (client gone)`` at the end. Rare, so built the plain way,
+        as a record (``log`` keeps its own copy of these steps, inline: it runs
+        for every request).
+        """
+        raw_path = request.raw_path
+        path = raw_path if self.include_query else raw_path.partition("?")[0]
+        route: str = request.get(ROUTE, "-")
+        upstream: float | None = request.get(UPSTREAM_SECONDS)
+        status = response.status
+        bytes_in = request.content.total_bytes
+        bytes_out = response.body_length
+        method = request.method
+        observer = self.observer
+        if observer is not None and not path.startswith(_OWN_PAGES):
+            observer.observe(route, method, status, bytes_in, bytes_out, upstream)
+        logger = self.logger
+        if not logger.isEnabledFor(logging.INFO):
+            return
+        path = redact(path)
+        if method not in _METHODS:
+            method = redact(method)
+        upstream_text = f" upstream {upstream * 1000:.1f}ms" if upstream is not None else ""
+        message = f'{route} "{method} {path}" {status} {bytes_out}B {time * 1000:.1f}ms{upstream_text} {CLIENT_GONE_NOTE}'
+        record = _access_record(logger.name, message)
+        d = record.__dict__
+        d["http_request"] = _fields(request, method, path, status, bytes_out, time, bytes_in)
+        d["route"] = route
+        d["upstream_seconds"] = upstream
+        d[_CLEAN] = True
+        logger.handle(record)
+
+
+#: The end of the access line of a request whose client went away before its response was complete.
+CLIENT_GONE_NOTE = "(client gone)"
+#: nginx's "client closed request": the client went away before the response's head was sent.
+CLIENT_CLOSED_REQUEST = 499
+
+
+class ClientGone(web.StreamResponse):
+    """What a handler returns for a request whose client went away: aiohttp then logs it.
+
+    aiohttp writes no access line for a handler it cancelled because the
+    client's connection was lost (``handler_cancellation``), and none of the
+    right kind when a write finds the connection closed. A handler that returns
+    this instead gets exactly one: aiohttp tries to send it, ``prepare`` raises
+    ConnectionResetError, and aiohttp passes it to the access logger with its
+    own measure of the request's duration, then drops the connection
+    (``RequestHandler.finish_response``; tests/test_client_gone.py checks it).
+    Its ``status`` and ``body_length`` are what the client got.
+    """
+
+    def __init__(self, status: int, sent: int) -> None:
+        super().__init__(status=status)
+        self._sent = sent
+
+    @property
+    def body_length(self) -> int:
+        return self._sent
+
+    async def prepare(self, request: web.BaseRequest) -> AbstractStreamWriter | None:
+        raise ConnectionResetError("the client went away")
+
+
+def client_gone(request: web.BaseRequest, status: int | None) -> ClientGone | None:
+    """The response to return for ``request`` if its client has gone away, else None.
+
+    ``status`` is that of the response whose head the client was sent, None if
+    it was sent nothing. As nginx logs them: a request whose client left before
+    the head is logged 499 with no bytes; one whose head went out keeps its
+    status, with the bytes written to the client so far (head included, as on
+    every line). Either line ends with ``(client gone)``.
+
+    Call it only where the request has failed (a cancellation, a failed write):
+    if the client is still there, the caller re-raises.
+    """
+    transport = request.transport
+    if transport is not None and not transport.is_closing():
+        return None
+    if status is None:
+        response = ClientGone(CLIENT_CLOSED_REQUEST, 0)
+    else:
+        response = ClientGone(status, request.writer.output_size)
+    # aiohttp makes one access logger per connection (RequestHandler.access_logger; it
+    # has no hook for this) and this connection serves no other request now: its last
+    # line is the client-gone one, and ``log``, run for every request, needs no check.
+    access = request.protocol.access_logger
+    if isinstance(access, AccessLogger):
+        access.log = access.log_client_gone  # type: ignore[method-assign]
+    task = asyncio.current_task()
+    if task is not None and task.cancelling():
+        # aiohttp cancelled the handler because the connection was lost: handled here.
+        task.uncancel()
+    return response
 
 
 class HttpRequestFields:
