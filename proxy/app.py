@@ -142,6 +142,13 @@ class ProxyFrontDoor:
                 # several lookups per request, most of them for keys not set.
                 return self._state.get(key, default)
 
+            @property
+            def plain_response(self) -> bool:
+                """Whether the hook below leaves this request's response headers as they are
+                (as long as the upstream sent no CORS headers): then the upstream's head may
+                be relayed as bytes (forward.py, _PlainResponse)."""
+                return self._match_info is None and door.guard.adds_nothing(self)
+
             # The hook aiohttp calls as a response's headers go out; requests that
             # went through the Application (match_info set) get its signals as before.
             async def _prepare_hook(self, response: web.StreamResponse) -> None:

@@ -17,6 +17,7 @@ from typing import Any
 
 import aiohttp
 from aiohttp import hdrs, web
+from aiohttp.abc import AbstractStreamWriter
 from multidict import CIMultiDict
 from yarl import URL
 
@@ -81,6 +82,42 @@ class _WholeResponse(web.StreamResponse):
     _send_headers_immediately = False
 
 
+class _PlainResponse(web.StreamResponse):
+    """A complete upstream response relayed as the bytes it came in, less hop-by-hop headers.
+
+    Only where aiohttp would write the same bytes from the decoded headers
+    (_Connection.plain_head, and the request's side checked in _forward_lean):
+    that path decodes every header, builds a multidict, fills in defaults that
+    are already there and serialises it all again, several coroutines deep,
+    which was about a fifth of the proxy's CPU per small response. aiohttp has
+    no public way to send a ready head: prepare() here does what
+    StreamResponse's does for a response it has nothing to add to, setting the
+    same attributes (the writer, the request, keep-alive) so that write_eof,
+    keep_alive and body_length behave as for any response.
+    """
+
+    def __init__(self, status: int, reason: str, head: bytes, body: bytes) -> None:
+        super().__init__(status=status, reason=reason)
+        self._head = head
+        self._relayed = body
+
+    async def prepare(self, request: web.BaseRequest) -> AbstractStreamWriter | None:
+        if self._eof_sent:
+            return None
+        if self._payload_writer is not None:
+            return self._payload_writer
+        self._req = request
+        writer = self._payload_writer = request.writer
+        self._keep_alive = True  # an HTTP/1.1 keep-alive request (checked by the caller)
+        await request._prepare_hook(self)
+        head = self._head
+        if self.headers:
+            # Something the hook added after all: it goes out too, as aiohttp would write it.
+            head = head[:-2] + "".join(f"{k}: {v}\r\n" for k, v in self.headers.items()).encode() + b"\r\n"
+        await writer.write(head + self._relayed)
+        return writer
+
+
 class Forwarder:
     """Forwards requests for a router's routes through one shared ClientSession."""
 
@@ -109,6 +146,9 @@ class Forwarder:
         self.lean = lean
         #: Fails a relayed body whose upstream connection is lost mid-way (truncation.py).
         self.lost_bodies = LostBodyWatch()
+        #: Relay a complete upstream response that needs no rewriting as its bytes
+        #: (_PlainResponse); False: always through aiohttp's StreamResponse (tests compare).
+        self.plain_responses = True
         #: The loop serving the app, from its first request (asyncio.get_running_loop
         #: makes a system call, getpid, each time on Python 3.11).
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -279,6 +319,21 @@ class Forwarder:
         # Time to response headers, for the access log and the latency histogram.
         request[UPSTREAM_SECONDS] = loop.time() - started
         try:
+            if (
+                conn.complete
+                and self.plain_responses
+                and not head_only
+                and conn.status not in (204, 304)
+                and request.version == aiohttp.HttpVersion11
+                and request.keep_alive
+                and getattr(request, "plain_response", False)
+            ):
+                plain = conn.plain_head()
+                if plain is not None:
+                    done = _PlainResponse(conn.status, conn.reason, plain, conn.take())
+                    await done.prepare(request)
+                    await done.write_eof()
+                    return done
             # A body that came complete with the head (most small ones) leaves in the same write.
             kind = _WholeResponse if conn.complete else web.StreamResponse
             out = kind(status=conn.status, reason=conn.reason, headers=self._response_headers(request, route, conn.client_headers()))

@@ -35,6 +35,7 @@ from multidict import CIMultiDict
 from .config import Config, normalize_origin
 from .errors import BadRequest, Forbidden, ProxyError
 from .forward import ERROR_KEY, error_response
+from .headers import UPSTREAM_CORS
 
 log = logging.getLogger(__name__)
 
@@ -47,15 +48,6 @@ CORS_ORIGIN = web.RequestKey("cors_origin", str)
 #: Set when the guard answered a preflight itself: its Allow-* headers are the proxy's.
 _PREFLIGHT = web.RequestKey("preflight", bool)
 
-#: Response headers the upstream may not set: only the proxy grants CORS.
-#: (Access-Control-Allow-Private-Network is among them: it is never sent.)
-_UPSTREAM_CORS = (
-    hdrs.ACCESS_CONTROL_ALLOW_ORIGIN,
-    hdrs.ACCESS_CONTROL_ALLOW_CREDENTIALS,
-    hdrs.ACCESS_CONTROL_ALLOW_METHODS,
-    hdrs.ACCESS_CONTROL_ALLOW_HEADERS,
-    "Access-Control-Allow-Private-Network",
-)
 _CROSS = frozenset({"cross-site", "same-site"})
 _NAVIGATION_METHODS = frozenset({hdrs.METH_GET, hdrs.METH_HEAD})
 _TOKEN = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+")
@@ -253,13 +245,18 @@ class Guard:
         """Replace whatever CORS headers a response carries with the proxy's own."""
         self.finish_headers(request, response)
 
+    def adds_nothing(self, request: web.BaseRequest) -> bool:
+        """Whether finish_headers leaves a response to ``request`` as it is, given that
+        the response has none of the upstream CORS headers it removes."""
+        return not self.origins and request.get(CORS_ORIGIN) is None
+
     def finish_headers(self, request: web.BaseRequest, response: web.StreamResponse) -> None:
         """``on_response_prepare``'s work, called directly by the proxy path (app.FrontDoor)."""
         if response.status == 101:
             return
         headers = response.headers
         if not request.get(_PREFLIGHT):
-            for name in _UPSTREAM_CORS:
+            for name in UPSTREAM_CORS:
                 if name in headers:
                     del headers[name]
         origin = request.get(CORS_ORIGIN)

@@ -17,6 +17,16 @@ HOP_BY_HOP = frozenset(
     {"connection", "keep-alive", "proxy-connection", "te", "trailer", "transfer-encoding", "upgrade"}
 )
 
+#: Response headers the upstream may not set: only the proxy grants CORS (guard.py
+#: removes them). Access-Control-Allow-Private-Network is among them: it is never sent.
+UPSTREAM_CORS = (
+    hdrs.ACCESS_CONTROL_ALLOW_ORIGIN,
+    hdrs.ACCESS_CONTROL_ALLOW_CREDENTIALS,
+    hdrs.ACCESS_CONTROL_ALLOW_METHODS,
+    hdrs.ACCESS_CONTROL_ALLOW_HEADERS,
+    "Access-Control-Allow-Private-Network",
+)
+
 #: Client-sent headers that could carry or forge credentials or provenance.
 #: Compared after folding "_" to "-", so X_Forwarded_For is caught too.
 _CLIENT_SENSITIVE = frozenset(

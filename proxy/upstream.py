@@ -29,14 +29,39 @@ from aiohttp import hdrs
 from multidict import CIMultiDict
 
 from .errors import UpstreamError, UpstreamTimeout, redact
-from .headers import HOP_BY_HOP
+from .headers import HOP_BY_HOP, UPSTREAM_CORS
 from .router import CompiledRoute
 
 _HOP_BY_HOP = frozenset(name.encode() for name in HOP_BY_HOP)
-#: Response headers that frame the body.
-_FRAMING = frozenset({b"content-length", b"transfer-encoding"})
-#: Lengths of the names on_header looks for (Connection and the framing ones).
-_SPECIAL_LENGTHS = frozenset(len(n) for n in (b"connection", *_FRAMING))
+#: Lengths of the hop-by-hop names: most names are passed over without lower().
+_HOP_LENGTHS = frozenset(len(n) for n in _HOP_BY_HOP)
+
+# What on_header notices about a response head, as bits of _Connection.seen.
+_LENGTH = 1  # Content-Length (digits only)
+_CHUNKED = 2  # Transfer-Encoding
+_DATE = 4
+_SERVER = 8
+_TYPE = 16  # Content-Type
+_CONNECTION = 32
+_REWRITTEN = 64  # a header the proxy rewrites (Location, Set-Cookie) or removes (upstream CORS)
+_UNUSUAL = 128  # a value that is not ASCII, or a Content-Length that is not just digits
+#: Names on_header looks for, lower-cased, and the bit each sets.
+_WATCHED = {
+    b"content-length": _LENGTH,
+    b"transfer-encoding": _CHUNKED,
+    b"date": _DATE,
+    b"server": _SERVER,
+    b"content-type": _TYPE,
+    b"connection": _CONNECTION,
+    b"location": _REWRITTEN,
+    b"set-cookie": _REWRITTEN,
+    **{name.lower().encode(): _REWRITTEN for name in UPSTREAM_CORS},
+}
+_WATCHED_LENGTHS = frozenset(len(n) for n in _WATCHED)
+#: A head aiohttp would add nothing to: framed by length, with Date, Server and Content-Type.
+_COMPLETE_HEAD = _LENGTH | _DATE | _SERVER | _TYPE
+#: Connection tokens that name no other header.
+_PLAIN_CONNECTION = frozenset({b"keep-alive", b"close", b""})
 #: Methods the lean path carries (without a request body).
 METHODS = frozenset({hdrs.METH_GET, hdrs.METH_HEAD})
 #: Response body bytes queued for the client before reading from the upstream pauses
@@ -100,8 +125,8 @@ class _Connection(asyncio.BufferedProtocol):
         self.raw_headers: list[tuple[bytes, bytes]] = []
         #: Values of Connection headers (the names they list are hop-by-hop too).
         self.connection_values: list[bytes] = []
-        #: Whether the head has a Content-Length or a Transfer-Encoding (its body's framing).
-        self.framed = False
+        #: What on_header noticed (the _LENGTH, _DATE, ... bits).
+        self.seen = 0
         self.head_bytes = 0
         self.head_error: UpstreamProtocolError | None = None
         self.chunks: collections.deque[bytes] = collections.deque()
@@ -172,12 +197,15 @@ class _Connection(asyncio.BufferedProtocol):
             raise self.head_error
         self.raw_headers.append((name, value))
         # The few names that matter here, told apart by length first (no lower() for the rest).
-        if len(name) in _SPECIAL_LENGTHS:
-            lower = name.lower()
-            if lower == b"connection":
+        if len(name) in _WATCHED_LENGTHS:
+            bit = _WATCHED.get(name.lower(), 0)
+            if bit == _CONNECTION:
                 self.connection_values.append(value)
-            elif lower in _FRAMING:
-                self.framed = True
+            elif bit == _LENGTH and not value.isdigit():
+                bit |= _UNUSUAL
+            self.seen |= bit
+        if not value.isascii():
+            self.seen |= _UNUSUAL
 
     def on_headers_complete(self) -> None:
         status = self.parser.get_status_code()
@@ -186,11 +214,11 @@ class _Connection(asyncio.BufferedProtocol):
             self.reason = ""
             self.raw_headers = []
             self.connection_values = []
-            self.framed = False
+            self.seen = 0
             return
         self.status = status
         self.keep_alive = bool(self.parser.should_keep_alive())
-        self.until_eof = not self.framed and status not in (204, 304)
+        self.until_eof = not self.seen & (_LENGTH | _CHUNKED) and status not in (204, 304)
         if self.timer is not None:
             self.timer.cancel()
             self.timer = None
@@ -321,6 +349,32 @@ class _Connection(asyncio.BufferedProtocol):
                 if name.lower() not in dropped
             ]
         )
+
+    def plain_head(self) -> bytes | None:
+        """The response head for the client as bytes, where it needs no rewriting; else None.
+
+        That is where aiohttp's StreamResponse, given client_headers(), would write
+        the same bytes: the head is framed by a Content-Length of digits, has Date,
+        Server and Content-Type (aiohttp adds those where missing), is all ASCII
+        (aiohttp writes text as UTF-8; the upstream's bytes may be Latin-1), names
+        no other header in Connection, and has nothing the proxy rewrites
+        (Location, Set-Cookie) or removes (upstream CORS headers). The caller
+        checks the request's side (HTTP/1.1 keep-alive, not HEAD, nothing added).
+        tests/test_plain_response.py compares the two byte for byte.
+        """
+        seen = self.seen
+        if seen & _COMPLETE_HEAD != _COMPLETE_HEAD or seen & (_CHUNKED | _REWRITTEN | _UNUSUAL) or not self.reason.isascii():
+            return None
+        for value in self.connection_values:
+            for token in value.split(b","):
+                if token.strip().lower() not in _PLAIN_CONNECTION:
+                    return None
+        lines = [b"HTTP/1.1 %d %s\r\n" % (self.status, self.reason.encode("ascii"))]
+        for name, value in self.raw_headers:
+            if len(name) not in _HOP_LENGTHS or name.lower() not in _HOP_BY_HOP:
+                lines.append(b"%s: %s\r\n" % (name, value))
+        lines.append(b"\r\n")
+        return b"".join(lines)
 
     def reusable(self) -> bool:
         return self.complete and self.keep_alive and not self.closed and not self.chunks and self.transport is not None
