@@ -289,6 +289,8 @@ class AccessLogger(AbstractAccessLogger):
 
     include_query = False
     observer: RequestObserver | None = None
+    #: Appended to the line's message (log_client_gone sets it for its one call).
+    note = ""
 
     def log(self, request: web.BaseRequest, response: web.StreamResponse, time: float) -> None:
         raw_path = request.raw_path
@@ -313,7 +315,7 @@ class AccessLogger(AbstractAccessLogger):
         if method not in _METHODS:
             method = redact(method)
         upstream_text = f" upstream {upstream * 1000:.1f}ms" if upstream is not None else ""
-        message = f'{route} "{method} {path}" {status} {bytes_out}B {time * 1000:.1f}ms{upstream_text}'
+        message = f'{route} "{method} {path}" {status} {bytes_out}B {time * 1000:.1f}ms{upstream_text}{self.note}'
         direct = _direct_handler(logger)
         if direct is not None:
             # The command line's logging, as setup_logging made it: the line its formatter
@@ -343,36 +345,13 @@ class AccessLogger(AbstractAccessLogger):
 
         ``client_gone`` makes this the connection's ``log`` for its last request:
         the same line and metrics, from the ClientGone response's status and
-        bytes, with `` (client gone)`` at the end. Rare, so built the plain way,
-        as a record (``log`` keeps its own copy of these steps, inline: it runs
-        for every request).
+        bytes, with `` (client gone)`` at the end.
         """
-        raw_path = request.raw_path
-        path = raw_path if self.include_query else raw_path.partition("?")[0]
-        route: str = request.get(ROUTE, "-")
-        upstream: float | None = request.get(UPSTREAM_SECONDS)
-        status = response.status
-        bytes_in = request.content.total_bytes
-        bytes_out = response.body_length
-        method = request.method
-        observer = self.observer
-        if observer is not None and not path.startswith(_OWN_PAGES):
-            observer.observe(route, method, status, bytes_in, bytes_out, upstream)
-        logger = self.logger
-        if not logger.isEnabledFor(logging.INFO):
-            return
-        path = redact(path)
-        if method not in _METHODS:
-            method = redact(method)
-        upstream_text = f" upstream {upstream * 1000:.1f}ms" if upstream is not None else ""
-        message = f'{route} "{method} {path}" {status} {bytes_out}B {time * 1000:.1f}ms{upstream_text} {CLIENT_GONE_NOTE}'
-        record = _access_record(logger.name, message)
-        d = record.__dict__
-        d["http_request"] = _fields(request, method, path, status, bytes_out, time, bytes_in)
-        d["route"] = route
-        d["upstream_seconds"] = upstream
-        d[_CLEAN] = True
-        logger.handle(record)
+        self.note = f" {CLIENT_GONE_NOTE}"
+        try:
+            AccessLogger.log(self, request, response, time)
+        finally:
+            self.note = ""
 
 
 #: The end of the access line of a request whose client went away before its response was complete.
