@@ -17,6 +17,7 @@ from pathlib import Path
 import pytest
 
 from proxy.forward import _PlainResponse
+from tests.test_perf_upstream import Upstream
 
 DATE = b"Date: Thu, 01 Jan 2026 00:00:00 GMT\r\n"
 #: A head aiohttp would add nothing to, before the case's own headers.
@@ -57,37 +58,13 @@ CASES: list[tuple[str, bytes, bool]] = [
 ]
 
 
-class Upstream:
-    """Answers ``GET /case/N`` with CASES[N]'s bytes, keeping connections alive."""
-
-    def __init__(self) -> None:
-        self.server: asyncio.Server | None = None
-
-    async def start(self) -> Upstream:
-        self.server = await asyncio.start_server(self._serve, "127.0.0.1", 0)
-        return self
-
-    @property
-    def url(self) -> str:
-        assert self.server is not None
-        return f"http://127.0.0.1:{self.server.sockets[0].getsockname()[1]}"
-
-    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        try:
-            while True:
-                head = await reader.readuntil(b"\r\n\r\n")
-                target = head.split(b" ", 2)[1].decode()
-                writer.write(CASES[int(target.rsplit("/", 1)[1])][1])
-                await writer.drain()
-        except (ConnectionError, asyncio.IncompleteReadError):
-            pass
-        finally:
-            writer.close()
-
-    async def stop(self) -> None:
-        assert self.server is not None
-        self.server.close()
-        await self.server.wait_closed()
+async def serve_cases(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, n: int) -> None:
+    """Answers ``GET /case/N`` with CASES[N]'s bytes, keeping the connection alive."""
+    while True:
+        head = await reader.readuntil(b"\r\n\r\n")
+        target = head.split(b" ", 2)[1].decode()
+        writer.write(CASES[int(target.rsplit("/", 1)[1])][1])
+        await writer.drain()
 
 
 async def read_response(reader: asyncio.StreamReader, method: str) -> bytes:
@@ -164,9 +141,9 @@ def _same_but_date(data: bytes) -> bytes:
 @pytest.mark.parametrize("index", range(len(CASES)), ids=[c[0] for c in CASES])
 async def test_the_bytes_path_sends_what_aiohttp_would(start_proxy, sa_key, plain_taken, index):
     name, _, eligible = CASES[index]
-    up = await Upstream().start()
+    up = await Upstream(serve_cases).start()
     try:
-        proxy = await start_proxy(_config(sa_key[0], up.url))
+        proxy = await start_proxy(_config(sa_key[0], f"http://127.0.0.1:{up.port}"))
         request = f"GET /case/{index} HTTP/1.1\r\nHost: 127.0.0.1:{proxy.port}\r\n\r\n".encode()
         plain, normal, used = await both_ways(proxy, request, "GET", plain_taken)
         assert _same_but_date(plain) == _same_but_date(normal), name
@@ -185,9 +162,9 @@ async def test_the_bytes_path_sends_what_aiohttp_would(start_proxy, sa_key, plai
     ids=["HEAD", "client asks to close"],
 )
 async def test_requests_the_bytes_path_leaves_alone(start_proxy, sa_key, plain_taken, method, extra):
-    up = await Upstream().start()
+    up = await Upstream(serve_cases).start()
     try:
-        proxy = await start_proxy(_config(sa_key[0], up.url))
+        proxy = await start_proxy(_config(sa_key[0], f"http://127.0.0.1:{up.port}"))
         request = f"{method} /case/0 HTTP/1.1\r\nHost: 127.0.0.1:{proxy.port}\r\n{extra}\r\n".encode()
         plain, normal, used = await both_ways(proxy, request, method, plain_taken)
         assert plain == normal and used == 0
@@ -196,9 +173,9 @@ async def test_requests_the_bytes_path_leaves_alone(start_proxy, sa_key, plain_t
 
 
 async def test_http_1_0_client_gets_aiohttps_answer(start_proxy, sa_key, plain_taken):
-    up = await Upstream().start()
+    up = await Upstream(serve_cases).start()
     try:
-        proxy = await start_proxy(_config(sa_key[0], up.url))
+        proxy = await start_proxy(_config(sa_key[0], f"http://127.0.0.1:{up.port}"))
         request = f"GET /case/0 HTTP/1.0\r\nHost: 127.0.0.1:{proxy.port}\r\nConnection: keep-alive\r\n\r\n".encode()
         plain, normal, used = await both_ways(proxy, request, "GET", plain_taken)
         assert plain == normal and used == 0
@@ -209,9 +186,9 @@ async def test_http_1_0_client_gets_aiohttps_answer(start_proxy, sa_key, plain_t
 
 async def test_cors_answers_take_aiohttps_path(start_proxy, sa_key, plain_taken):
     # With allowed_origins the guard adds Vary (and CORS headers for an allowed Origin).
-    up = await Upstream().start()
+    up = await Upstream(serve_cases).start()
     try:
-        proxy = await start_proxy(_config(sa_key[0], up.url, allowed_origins=["http://localhost:3000"]))
+        proxy = await start_proxy(_config(sa_key[0], f"http://127.0.0.1:{up.port}", allowed_origins=["http://localhost:3000"]))
         for origin in ("", "Origin: http://localhost:3000\r\n"):
             request = f"GET /case/0 HTTP/1.1\r\nHost: 127.0.0.1:{proxy.port}\r\n{origin}\r\n".encode()
             plain, normal, used = await both_ways(proxy, request, "GET", plain_taken)
