@@ -23,7 +23,7 @@ from typing import Any
 from . import __version__
 from .config import HEADER_MODES, LOG_FORMATS, LOG_LEVELS, Config, ConfigError, parse_config, read_yaml
 from .errors import CredentialError
-from .logs import setup_logging
+from .ops.logs import setup_logging
 
 EXIT_OK = 0
 EXIT_USAGE = 2  # argparse's own code for a bad command line
@@ -212,7 +212,7 @@ def _resolve(config: Config) -> int:
                 if note:
                     print(f"{r.name}: warning: {note}")
             except Exception as e:  # noqa: BLE001 - reported per route
-                from .tokens import _describe
+                from .auth.tokens import _describe
 
                 hint = getattr(e, "hint", None) or ident.hint_for(e)
                 reason = str(e).splitlines()[0] if isinstance(e, CredentialError) else _describe(e)
@@ -229,7 +229,7 @@ def cmd_token(argv: Sequence[str], env: Mapping[str, str]) -> int:
     p.add_argument("--config", metavar="FILE", default=env.get(ENV_PREFIX + "CONFIG"), help="use the config's top-level credentials")
     args = p.parse_args(argv)
     from .config import Credentials
-    from .identity import build_identity
+    from .auth.identity import build_identity
 
     setup_logging("warning")
     creds = Credentials()
@@ -251,7 +251,7 @@ def cmd_token(argv: Sequence[str], env: Mapping[str, str]) -> int:
         print(f"idtoken-proxy: {e}", file=sys.stderr)
         return EXIT_STARTUP
     except Exception as e:  # noqa: BLE001
-        from .tokens import _describe
+        from .auth.tokens import _describe
 
         hint = ident.hint_for(e) if ident is not None else None
         print(f"idtoken-proxy: cannot get a token for {args.audience}: {_describe(e)}" + (f"\n  hint: {hint}" if hint else ""), file=sys.stderr)

@@ -11,18 +11,18 @@ from typing import Any
 import aiohttp
 from aiohttp import hdrs, web
 
-from . import health, metrics
+from .ops import health, metrics
 from .config import RESERVED_PREFIX, Config, Credentials
 from .forward import Forwarder
-from .guard import CORS_ORIGIN, Guard
-from .health import Readiness
-from .identity import Identity, build_identity
+from .policy.guard import CORS_ORIGIN, Guard
+from .ops.health import Readiness
+from .auth.identity import Identity, build_identity
 from .limits import FRONT_DOOR
-from .logs import OBSERVER, quiet_token_loggers
-from .metrics import ProxyMetrics
-from .router import CompiledRoute, Router, compile_route
-from .status import RequestStats, StatusPage
-from .tokens import TokenCache
+from .ops.logs import OBSERVER, quiet_token_loggers
+from .ops.metrics import ProxyMetrics
+from .policy.router import CompiledRoute, Router, compile_route
+from .ops.status import RequestStats, StatusPage
+from .auth.tokens import TokenCache
 from .upstream import LeanClient
 
 log = logging.getLogger(__name__)

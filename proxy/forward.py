@@ -21,19 +21,20 @@ from aiohttp.abc import AbstractStreamWriter
 from multidict import CIMultiDict
 from yarl import URL
 
-from . import reauth, websocket
+from .auth import reauth
+from . import websocket
 from .envproxy import UpstreamProxy, proxy_for
 from .errors import BadRequest, FramingError, ProxyError, TokenUnavailable, UpstreamError, UpstreamTimeout, redact
-from .headers import (
+from .policy.headers import (
     downstream_response_headers,
     rewrite_location,
     rewrite_same_origin,
     rewrite_set_cookies,
     upstream_request_headers,
 )
-from .logs import ROUTE, UPSTREAM_SECONDS, client_gone
-from .router import CompiledRoute, Router, split_target
-from .tokens import TokenCache
+from .ops.logs import ROUTE, UPSTREAM_SECONDS, client_gone
+from .policy.router import CompiledRoute, Router, split_target
+from .auth.tokens import TokenCache
 from .truncation import LostBodyWatch
 from .upstream import METHODS as LEAN_METHODS
 from .upstream import PIPE_HIGH_WATER

@@ -27,7 +27,7 @@ from .accept import BatchAcceptSite
 from .app import STATE, make_admin_app
 from .config import Config, is_loopback_host
 from .limits import HardenedRunner
-from .logs import ACCESS, OBSERVER, RequestObserver, access_logger_class
+from .ops.logs import ACCESS, OBSERVER, RequestObserver, access_logger_class
 
 log = logging.getLogger(__name__)
 

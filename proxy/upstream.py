@@ -29,8 +29,8 @@ from aiohttp import hdrs
 from multidict import CIMultiDict
 
 from .errors import UpstreamError, UpstreamTimeout, redact
-from .headers import HOP_BY_HOP, UPSTREAM_CORS
-from .router import CompiledRoute
+from .policy.headers import HOP_BY_HOP, UPSTREAM_CORS
+from .policy.router import CompiledRoute
 
 _HOP_BY_HOP = frozenset(name.encode() for name in HOP_BY_HOP)
 #: Lengths of the hop-by-hop names: most names are passed over without lower().

@@ -26,12 +26,12 @@ from aiohttp import WSCloseCode, WSMsgType, hdrs, web
 from multidict import CIMultiDict, CIMultiDictProxy
 from yarl import URL
 
-from . import reauth
+from .auth import reauth
 from .envproxy import UpstreamProxy
 from .errors import BadRequest, ProxyError, UpstreamError, UpstreamTimeout
-from .headers import Headers, downstream_response_headers, rewrite_set_cookies
-from .router import CompiledRoute
-from .tokens import TokenCache
+from .policy.headers import Headers, downstream_response_headers, rewrite_set_cookies
+from .policy.router import CompiledRoute
+from .auth.tokens import TokenCache
 
 log = logging.getLogger(__name__)
 

@@ -20,7 +20,7 @@ from aiohttp.test_utils import TestServer
 from proxy.app import STATE, ProxyState, make_app
 from proxy.config import Config, Limits, parse_config
 from proxy.limits import HardenedRunner
-from proxy.logs import OBSERVER
+from proxy.ops.logs import OBSERVER
 from proxy.server import runner_kwargs
 
 pytest_plugins = ["tests.fakes.fixtures"]

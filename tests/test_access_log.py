@@ -17,8 +17,8 @@ from aiohttp import web
 from aiohttp.test_utils import make_mocked_request
 
 import proxy.__main__  # noqa: F401 - its logger "idtoken_proxy" sits between the access logger and the root, as in the command line
-from proxy import logs
-from proxy.logs import ACCESS, ROUTE, UPSTREAM_SECONDS, HttpRequestFields, JsonFormatter, TextFormatter, access_logger_class, setup_logging
+from proxy.ops import logs
+from proxy.ops.logs import ACCESS, ROUTE, UPSTREAM_SECONDS, HttpRequestFields, JsonFormatter, TextFormatter, access_logger_class, setup_logging
 
 
 @pytest.fixture

@@ -97,8 +97,8 @@ def test_quick_run_prints_ratio_and_every_proxied_request_succeeds(clean_env: Cl
 
 @pytest.mark.parametrize("duration", [6, 10, 20, 60])
 def test_refresh_lifetime_gives_at_least_three_refreshes_per_window(duration: int) -> None:
-    from proxy.identity import MetadataIdentity
-    from proxy.tokens import MIN_TTL, refresh_delay
+    from proxy.auth.identity import MetadataIdentity
+    from proxy.auth.tokens import MIN_TTL, refresh_delay
 
     lifetime = bench.refresh_lifetime(duration)
     # A fresh token is sendable for a while, and the proxy plans its refresh from
@@ -181,7 +181,7 @@ def test_quick_skips_extras_unless_named() -> None:
 
 
 def test_dummy_token_is_accepted_by_the_static_source() -> None:
-    from proxy.identity import jwt_claims, minted
+    from proxy.auth.identity import jwt_claims, minted
 
     token = bench.dummy_token("http://127.0.0.1:1")
     m = minted(token)

@@ -150,7 +150,7 @@ async def stack(fake_google: Any, tmp_path_factory: pytest.TempPathFactory) -> A
 
 
 def guard_refusals(caplog: pytest.LogCaptureFixture) -> list[str]:
-    return [r.getMessage() for r in caplog.records if r.name == "proxy.guard" and r.levelno == logging.INFO]
+    return [r.getMessage() for r in caplog.records if r.name == "proxy.policy.guard" and r.levelno == logging.INFO]
 
 
 def access_lines(caplog: pytest.LogCaptureFixture) -> list[str]:
@@ -312,7 +312,7 @@ async def test_an_allowed_origin_gets_through_cors(browser, stack, caplog):
         assert [(r.method, r.raw_path) for r in stack.service.requests] == [("PUT", "/upload")]
         assert stack.service.last.claims is not None
         assert f"answered the CORS preflight for PUT /upload from {stack.allowed_origin}" in [
-            r.getMessage() for r in caplog.records if r.name == "proxy.guard"
+            r.getMessage() for r in caplog.records if r.name == "proxy.policy.guard"
         ]
         lines = access_lines(caplog)
         assert any(re.fullmatch(r'- "OPTIONS /upload" 204 .*', line) for line in lines), lines

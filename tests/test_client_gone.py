@@ -31,7 +31,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from proxy.app import STATE, make_app
 from proxy.config import parse_config
 from proxy.limits import HardenedRunner, HardenedServer
-from proxy.logs import OBSERVER, JsonFormatter, TextFormatter
+from proxy.ops.logs import OBSERVER, JsonFormatter, TextFormatter
 from proxy.server import runner_kwargs
 from tests.rawhttp import RawConnection, exchange, request
 

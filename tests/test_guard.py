@@ -13,7 +13,7 @@ import pytest
 from multidict import CIMultiDict
 
 from proxy.config import Config, parse_config
-from proxy.guard import Guard
+from proxy.policy.guard import Guard
 from tests.test_forward import raw_exchange
 
 ALLOWED = "http://localhost:3000"

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 from multidict import CIMultiDict
 
-from proxy.headers import (
+from proxy.policy.headers import (
     rewrite_cookie_domain,
     rewrite_cookie_path,
     rewrite_origin,

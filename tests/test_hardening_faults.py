@@ -12,7 +12,7 @@ import asyncio
 import aiohttp
 import pytest
 
-from proxy.tokens import TokenCache
+from proxy.auth.tokens import TokenCache
 from tests.rawhttp import Listener, RawConnection, exchange, request
 from tests.test_forward import free_port
 

@@ -9,9 +9,9 @@ from multidict import CIMultiDict
 
 from proxy.config import Route
 from proxy.errors import BadRequest, NoRoute
-from proxy.headers import downstream_response_headers, rewrite_location, upstream_request_headers
-from proxy.router import Router, compile_route, split_target
-from proxy.tokens import TokenKey
+from proxy.policy.headers import downstream_response_headers, rewrite_location, upstream_request_headers
+from proxy.policy.router import Router, compile_route, split_target
+from proxy.auth.tokens import TokenKey
 from proxy.upstream import _Connection
 
 

@@ -13,7 +13,7 @@ import pytest
 
 from proxy.config import Credentials
 from proxy.errors import CredentialError
-from proxy.identity import (
+from proxy.auth.identity import (
     GcloudIdentity,
     ImpersonateIdentity,
     MetadataIdentity,

@@ -158,7 +158,7 @@ def test_google_auth_loggers_stay_at_warning_under_debug():
     """The loggers google-auth writes assertions and token responses to are quieted by setup_logging."""
     import logging
 
-    from proxy.logs import setup_logging
+    from proxy.ops.logs import setup_logging
 
     names = ("google", "google.auth", "google.auth.transport.requests", "google.oauth2", "google.oauth2._client", "urllib3")
     root = logging.getLogger()

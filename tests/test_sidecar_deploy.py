@@ -21,9 +21,9 @@ from aiohttp.test_utils import TestClient, TestServer
 from proxy.__main__ import ENV_PREFIX, _env_default, build_config, serve_parser
 from proxy.app import STATE, make_admin_app, make_app
 from proxy.config import Config, is_loopback_host
-from proxy.health import HEALTHZ_PATH, READYZ_PATH
-from proxy.identity import StaticIdentity
-from proxy.metrics import METRICS_PATH
+from proxy.ops.health import HEALTHZ_PATH, READYZ_PATH
+from proxy.auth.identity import StaticIdentity
+from proxy.ops.metrics import METRICS_PATH
 
 from .test_sidecar_image import env_of, exec_form, parse_dockerfile
 from .test_sidecar_support import REPO, mint_jwt

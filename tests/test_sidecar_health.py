@@ -15,7 +15,7 @@ import pytest
 
 from proxy.app import STATE, make_admin_app, make_app
 from proxy.config import Config, parse_config
-from proxy.identity import Identity, Minted, minted
+from proxy.auth.identity import Identity, Minted, minted
 from proxy.server import ProxyServer, StartupError
 
 from .test_sidecar_support import eventually, get_status, mint_jwt

@@ -13,7 +13,7 @@ from pathlib import Path
 import aiohttp
 import pytest
 
-from proxy.logs import setup_logging
+from proxy.ops.logs import setup_logging
 
 from .test_sidecar_support import ProxyProcess, Upstream, clean_env, eventually, get_status, mint_jwt, write_config
 
@@ -137,7 +137,7 @@ def test_tracebacks_and_messages_are_redacted(fmt: str, capsys: pytest.CaptureFi
 
 
 def test_json_formatter_without_handler_setup() -> None:
-    from proxy.logs import JsonFormatter
+    from proxy.ops.logs import JsonFormatter
 
     record = logging.LogRecord("x", logging.WARNING, __file__, 1, "hello %s", ("world",), None)
     entry = json.loads(JsonFormatter().format(record))

@@ -10,8 +10,8 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from proxy.app import STATE, make_app
 from proxy.config import Config, parse_config
-from proxy.identity import StaticIdentity
-from proxy.metrics import ProxyMetrics
+from proxy.auth.identity import StaticIdentity
+from proxy.ops.metrics import ProxyMetrics
 from proxy.server import ProxyServer
 
 from .test_sidecar_support import Upstream, eventually, mint_jwt

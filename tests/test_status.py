@@ -6,7 +6,7 @@ from __future__ import annotations
 import aiohttp
 import pytest
 
-from proxy.status import render_html
+from proxy.ops.status import render_html
 from tests.test_forward import free_port
 
 

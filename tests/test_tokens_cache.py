@@ -15,8 +15,8 @@ import pytest
 
 from proxy.config import Credentials
 from proxy.errors import TokenUnavailable
-from proxy.identity import Identity, Minted, ServiceAccountIdentity, StaticIdentity, build_identity
-from proxy.tokens import MIN_TTL, TokenCache, refresh_delay
+from proxy.auth.identity import Identity, Minted, ServiceAccountIdentity, StaticIdentity, build_identity
+from proxy.auth.tokens import MIN_TTL, TokenCache, refresh_delay
 
 from .test_identity_support import client, eventually  # noqa: F401
 

@@ -13,8 +13,8 @@ import os
 import time
 
 from proxy.config import Credentials
-from proxy.identity import Identity, Minted
-from proxy.tokens import TokenCache
+from proxy.auth.identity import Identity, Minted
+from proxy.auth.tokens import TokenCache
 
 from .test_identity_support import client  # noqa: F401
 

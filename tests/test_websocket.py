@@ -19,7 +19,7 @@ from aiohttp import WSMsgType, web
 from multidict import CIMultiDict
 
 from proxy.server import close_websockets
-from proxy.tokens import TokenCache
+from proxy.auth.tokens import TokenCache
 from proxy.websocket import BAD_GATEWAY, sendable_code, switching_headers
 from tests.fakes import BackgroundServer
 from tests.test_forward import raw_exchange

@@ -23,7 +23,7 @@ from typing import Any, Protocol
 from aiohttp import hdrs, web
 from aiohttp.abc import AbstractAccessLogger, AbstractStreamWriter
 
-from .errors import redact
+from ..errors import redact
 
 ACCESS = logging.getLogger("idtoken_proxy.access")
 

@@ -14,9 +14,9 @@ from urllib.parse import unquote
 
 from yarl import URL
 
-from .config import RESERVED_PREFIX, Route
-from .errors import BadRequest, NoRoute
-from .tokens import TokenKey
+from ..config import RESERVED_PREFIX, Route
+from ..errors import BadRequest, NoRoute
+from ..auth.tokens import TokenKey
 
 
 class Target(NamedTuple):

@@ -24,12 +24,12 @@ from typing import Any
 
 from aiohttp import hdrs, web
 
-from . import __version__
-from .config import RESERVED_PREFIX, Config
-from .errors import redact
-from .forward import ERROR_KEY, ROUTE_KEY
-from .router import CompiledRoute
-from .tokens import TokenCache
+from .. import __version__
+from ..config import RESERVED_PREFIX, Config
+from ..errors import redact
+from ..forward import ERROR_KEY, ROUTE_KEY
+from ..policy.router import CompiledRoute
+from ..auth.tokens import TokenCache
 
 PAGE_PATH = RESERVED_PREFIX + "/"
 JSON_PATH = RESERVED_PREFIX + "/status.json"

@@ -32,9 +32,9 @@ from dataclasses import dataclass
 from aiohttp import hdrs, web
 from multidict import CIMultiDict
 
-from .config import Config, normalize_origin
-from .errors import BadRequest, Forbidden, ProxyError
-from .forward import ERROR_KEY, error_response
+from ..config import Config, normalize_origin
+from ..errors import BadRequest, Forbidden, ProxyError
+from ..forward import ERROR_KEY, error_response
 from .headers import UPSTREAM_CORS
 
 log = logging.getLogger(__name__)

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from aiohttp import web
 
-from .tokens import TokenCache, TokenKey
+from ..auth.tokens import TokenCache, TokenKey
 
 HEALTHZ_PATH = "/.proxy/healthz"
 READYZ_PATH = "/.proxy/readyz"

@@ -29,8 +29,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .config import Credentials
-from .errors import CredentialError, redact
+from ..config import Credentials
+from ..errors import CredentialError, redact
 
 log = logging.getLogger(__name__)
 

@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING
 
 from aiohttp import web
 
-from .tokens import TokenCache, TokenKey
+from ..auth.tokens import TokenCache, TokenKey
 
 if TYPE_CHECKING:
     from prometheus_client import CollectorRegistry

@@ -25,7 +25,7 @@ from typing import Any
 
 from cachetools import LRUCache
 
-from .errors import CredentialError, TokenUnavailable, redact
+from ..errors import CredentialError, TokenUnavailable, redact
 from .identity import Identity, Minted
 
 log = logging.getLogger(__name__)

@@ -1,0 +1,1 @@
+"""Identity sources and the token cache."""

@@ -1,0 +1,1 @@
+"""Operations: logs, metrics, health and the status page."""
