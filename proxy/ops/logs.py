@@ -38,7 +38,8 @@ _OWN_PAGES = "/.proxy/"
 _NOISY = ("google.auth", "google.oauth2", "urllib3", "requests", "aiohttp.client")
 #: google-auth's loggers: request logs carry the signed assertion and the
 #: Authorization header (as ``extra`` fields a structured formatter would print).
-_TOKEN_LOGGERS = ("google.auth", "google.oauth2")
+#: hpack and h2 log every header they encode or decode at DEBUG, the token among them.
+_TOKEN_LOGGERS = ("google.auth", "google.oauth2", "hpack", "h2")
 
 #: Python levels to Cloud Logging's LogSeverity names.
 _SEVERITY = {

@@ -17,6 +17,7 @@ when no serializer is given), under the service ``test.Echo``:
 - ``ClientStream``: answers ``COUNT:TOTAL_BYTES`` of what it received.
 - ``Bidi``: echoes every message as it arrives.
 - ``Wait``: blocks until cancelled or 60 s pass; records the cancellation.
+- ``Sleep``: a request ``MS`` answers ``slept`` after that many milliseconds.
 
 Every call's method, invocation metadata and outcome is recorded.
 """
@@ -106,7 +107,13 @@ class _Refusal(Exception):
 
 
 class GrpcService:
-    def __init__(self, certs_url: str, audiences: Iterable[str] | None = None, max_message: int = 64 << 20) -> None:
+    def __init__(
+        self,
+        certs_url: str,
+        audiences: Iterable[str] | None = None,
+        max_message: int = 64 << 20,
+        options: Iterable[tuple[str, Any]] = (),
+    ) -> None:
         self._certs_url = certs_url
         self._audiences = list(audiences) if audiences is not None else None
         self._lock = threading.Lock()
@@ -115,7 +122,11 @@ class GrpcService:
         self._server = grpc.server(
             futures.ThreadPoolExecutor(max_workers=64),
             interceptors=[_Verifier(self)],
-            options=[("grpc.max_receive_message_length", max_message), ("grpc.max_send_message_length", max_message)],
+            options=[
+                ("grpc.max_receive_message_length", max_message),
+                ("grpc.max_send_message_length", max_message),
+                *options,
+            ],
             maximum_concurrent_rpcs=None,
         )
         self._server.add_generic_rpc_handlers([grpc.method_handlers_generic_handler(SERVICE, self._handlers())])
@@ -194,6 +205,7 @@ class GrpcService:
             "ClientStream": grpc.stream_unary_rpc_method_handler(self._client_stream),
             "Bidi": grpc.stream_stream_rpc_method_handler(self._bidi),
             "Wait": grpc.unary_unary_rpc_method_handler(self._wait),
+            "Sleep": grpc.unary_unary_rpc_method_handler(self._sleep),
         }
 
     @staticmethod
@@ -231,3 +243,7 @@ class GrpcService:
         context.add_callback(lambda: (call.cancelled.set() if not context.is_active() else None, done.set()))
         done.wait(60)
         return b"done"
+
+    def _sleep(self, request: bytes, context: grpc.ServicerContext, call: GrpcCall) -> bytes:
+        threading.Event().wait(int(request or b"0") / 1000)
+        return b"slept"
