@@ -298,3 +298,49 @@ async def test_server_goaway_lets_streams_finish(h2_relay: Relay, grpc_service: 
         c.shutdown()
     assert await task == b"still running"
     assert all(c.draining for c in h2_relay.connections)
+
+
+@pytest.mark.parametrize(
+    ("http_status", "deadline", "code"),
+    [
+        (503, False, grpc.StatusCode.UNAVAILABLE),
+        (502, False, grpc.StatusCode.UNAVAILABLE),
+        (403, False, grpc.StatusCode.PERMISSION_DENIED),
+        (404, False, grpc.StatusCode.UNIMPLEMENTED),
+        (400, False, grpc.StatusCode.INTERNAL),
+        (504, True, grpc.StatusCode.DEADLINE_EXCEEDED),
+        (500, False, grpc.StatusCode.UNKNOWN),
+    ],
+)
+async def test_trailers_only_errors_as_grpcio_reads_them(http_status: int, deadline: bool, code: grpc.StatusCode) -> None:
+    """A refusal written by policy.grpc reaches grpcio as that status, with its message decoded."""
+    from proxy.policy.grpc import trailers_only
+
+    reason = f"refused: é 100% ({http_status})"
+
+    async def handler(stream: ServerStream) -> None:
+        stream.send_headers(trailers_only(http_status, reason, deadline=deadline), end_stream=True)
+
+    loop = asyncio.get_running_loop()
+    server = await loop.create_server(lambda: H2ServerConnection(handler, loop), "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+
+    def call() -> tuple[grpc.StatusCode, str]:
+        with grpc.insecure_channel(f"127.0.0.1:{port}") as ch:
+            try:
+                ch.unary_unary("/test.Echo/Unary")(b"x", timeout=10)
+            except grpc.RpcError as e:
+                return e.code(), e.details()
+        raise AssertionError("no error")
+
+    try:
+        assert await _in_thread(call) == (code, reason)
+    finally:
+        server.close()
+
+
+def test_grpc_message_percent_encoding() -> None:
+    from proxy.policy.grpc import encode_message
+
+    assert encode_message("plain text: ok") == b"plain text: ok"
+    assert encode_message("é 100%\n") == b"%C3%A9 100%25%0A"

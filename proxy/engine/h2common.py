@@ -49,6 +49,8 @@ CONNECTION_WINDOW = 4 * 1024 * 1024
 #: Write buffer marks of the transport (pause sending data above HIGH).
 WRITE_HIGH = 256 * 1024
 WRITE_LOW = 64 * 1024
+#: Seconds a connection closed for a protocol error keeps reading (see Endpoint._linger).
+LINGER_SECONDS = 2.0
 
 
 def goaway_frame(last_stream_id: int, error_code: int = 0, debug: bytes = b"") -> bytes:
@@ -274,6 +276,7 @@ class Endpoint(asyncio.Protocol):
         self.goaway: tuple[int, int] | None = None
         #: Set when the connection is gone; every later operation raises it.
         self.closed_exc: StreamReset | None = None
+        self._lingering = False
 
     # ---------------------------------------------------------------- asyncio.Protocol
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -284,6 +287,8 @@ class Endpoint(asyncio.Protocol):
         self.flush()
 
     def data_received(self, data: bytes) -> None:
+        if self._lingering:
+            return
         frames, goaways = self.reader.feed(data, self.conn.max_inbound_frame_size)
         try:
             events = self.conn.receive_data(frames) if frames else []
@@ -292,14 +297,29 @@ class Endpoint(asyncio.Protocol):
             log.debug("HTTP/2 protocol error from the peer: %s", e)
             self.flush()
             self._lost(StreamReset(h2.errors.ErrorCodes.PROTOCOL_ERROR, f"HTTP/2 protocol error: {e}"))
-            if self.transport is not None:
-                self.transport.close()
+            self._linger()
             return
         for event in events:
             self.handle_event(event)
         for last, code, _debug in goaways:
             self.on_goaway(last, code)
         self.flush()
+
+    def _linger(self) -> None:
+        """Close after our GOAWAY, reading and dropping what the peer still sends for a moment.
+
+        Closing a socket with unread input makes the kernel send RST, which can
+        destroy the GOAWAY before the peer reads it (nginx's lingering close).
+        """
+        self._lingering = True
+        if self.transport is None or self.transport.is_closing():
+            return
+        if self.transport.can_write_eof():
+            self.transport.write_eof()
+        self.loop.call_later(LINGER_SECONDS, self.transport.close)
+
+    def eof_received(self) -> bool | None:
+        return None  # the transport closes itself
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._lost(StreamReset(h2.errors.ErrorCodes.CANCEL, "connection closed"))
