@@ -257,7 +257,7 @@ async def test_preface_and_settings_ack(h2_relay: Relay) -> None:
         return _events_until(sock, conn, h2.events.SettingsAcknowledged)
 
     events = await _in_thread(run)
-    settings = [e for e in events if isinstance(e, h2.events.RemoteSettingsChanged)][0]
+    settings = next(e for e in events if isinstance(e, h2.events.RemoteSettingsChanged))
     assert settings.changed_settings[h2.settings.SettingCodes.MAX_CONCURRENT_STREAMS].new_value == 1000
     assert any(isinstance(e, h2.events.SettingsAcknowledged) for e in events)
 
