@@ -277,6 +277,7 @@ class Endpoint(asyncio.Protocol):
         #: Set when the connection is gone; every later operation raises it.
         self.closed_exc: StreamReset | None = None
         self._lingering = False
+        self._flush_scheduled = False
 
     # ---------------------------------------------------------------- asyncio.Protocol
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -295,7 +296,7 @@ class Endpoint(asyncio.Protocol):
         except h2.exceptions.ProtocolError as e:
             # h2 has queued a GOAWAY with the right error code: send it, then close.
             log.debug("HTTP/2 protocol error from the peer: %s", e)
-            self.flush()
+            self._write_out()
             self._lost(StreamReset(h2.errors.ErrorCodes.PROTOCOL_ERROR, f"HTTP/2 protocol error: {e}"))
             self._linger()
             return
@@ -339,6 +340,13 @@ class Endpoint(asyncio.Protocol):
 
     # ---------------------------------------------------------------- helpers
     def flush(self) -> None:
+        """Write what h2 has queued, once per loop iteration: many streams' frames in one write."""
+        if not self._flush_scheduled:
+            self._flush_scheduled = True
+            self.loop.call_soon(self._write_out)
+
+    def _write_out(self) -> None:
+        self._flush_scheduled = False
         data = self.conn.data_to_send()
         if data and self.transport is not None and not self.transport.is_closing():
             self.transport.write(data)

@@ -141,7 +141,7 @@ class H2ServerConnection(Endpoint):
         if self.draining or self.transport is None or self.transport.is_closing():
             return
         self.draining = True
-        self.flush()
+        self._write_out()
         self.transport.write(goaway_frame(self.highest_stream_id))
         if not self.streams:
             self.close()

@@ -87,6 +87,7 @@ class UpstreamConnection(Endpoint):
         self.streams[sid] = stream
         self.conn.send_headers(sid, headers, end_stream=end_stream)
         self.flush()
+        stream.ended_outbound = end_stream
         return stream
 
     def forget(self, stream: Stream) -> None:
