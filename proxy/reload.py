@@ -15,8 +15,9 @@ from the last ones seen, so ``touch`` does not reload. Polling a small file a
 few times a second costs nothing measurable and works on every filesystem,
 bind mounts included, where inotify does not follow symlink swaps.
 
-This module does not apply anything: ``server.py`` validates the new file with
-the same parser as at startup and swaps the engine's routing state.
+:class:`Reloader` validates the new file with the same parser as at startup and
+hands it to a callback that swaps the engine's routing state; if anything is
+wrong, nothing changes and the old config keeps serving.
 """
 
 from __future__ import annotations
@@ -25,10 +26,11 @@ import asyncio
 import hashlib
 import logging
 import os
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, fields
 
-from .config import Config
+from .config import Config, ConfigError
 
 log = logging.getLogger(__name__)
 
@@ -63,7 +65,7 @@ class FileWatch:
     stat changed).
     """
 
-    def __init__(self, path: str, on_change: Callable[[], None], interval: float = POLL_INTERVAL) -> None:
+    def __init__(self, path: str, on_change: Callable[[], object], interval: float = POLL_INTERVAL) -> None:
         self.path = path
         self.on_change = on_change
         self.interval = interval
@@ -164,3 +166,106 @@ def diff_configs(old: Config, new: Config) -> ConfigDiff:
         needs_restart=tuple(needs_restart),
         settings=tuple(settings),
     )
+
+
+@dataclass
+class ReloadStatus:
+    """What status.json, the status page and the metrics say about reloads."""
+
+    generation: int = 1
+    ok: int = 0
+    errors: int = 0
+    #: "ok" or "failed", with when (Unix time) and, for a failure, the reason.
+    last_outcome: str | None = None
+    last_at: float | None = None
+    last_reason: str | None = None
+
+    def summary(self) -> str | None:
+        if self.last_outcome is None or self.last_at is None:
+            return None
+        when = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(self.last_at))
+        if self.last_outcome == "ok":
+            return f"ok at {when}"
+        return f"failed at {when}: {self.last_reason}"
+
+    def as_json(self) -> dict[str, object]:
+        return {
+            "generation": self.generation,
+            "last_reload": self.summary(),
+            "reloads": {"ok": self.ok, "error": self.errors},
+        }
+
+
+class Reloader:
+    """Validates a new config with the startup parser, then hands it to ``apply``.
+
+    ``apply(new, diff)`` swaps the running state and may raise ConfigError (a
+    route whose credentials cannot be built); nothing changes then.
+    """
+
+    def __init__(
+        self,
+        path: str | None,
+        current: Config,
+        apply: Callable[[Config, ConfigDiff], None],
+        *,
+        load: Callable[[str], Config],
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.path = path
+        self.current = current
+        self.apply = apply
+        self.load = load
+        self.clock = clock
+        self.status = ReloadStatus()
+        self.watch: FileWatch | None = None
+
+    def start_watch(self, interval: float = POLL_INTERVAL) -> None:
+        if self.path is None:
+            return
+        self.watch = FileWatch(self.path, lambda: self.reload("file changed"), interval)
+        self.watch.start()
+
+    def stop(self) -> None:
+        if self.watch is not None:
+            self.watch.stop()
+
+    def reload(self, why: str) -> bool:
+        """Reload now; True when a new config was applied."""
+        if self.path is None:
+            log.info("%s: nothing to reload (no config file: the command line's routes stay)", why)
+            return False
+        if self.watch is not None:
+            self.watch.seen()
+        started = time.perf_counter()
+        try:
+            new = self.load(self.path)
+            diff = diff_configs(self.current, new)
+            self.apply(new, diff)
+        except ConfigError as e:
+            for problem in e.errors:
+                log.error("config reload (%s): %s", why, problem)
+            log.error("config reload failed: the previous config (generation %d) keeps serving", self.status.generation)
+            self._done("failed", "; ".join(e.errors))
+            return False
+        for line in diff.needs_restart:
+            log.warning("config reload: %s needs a restart; the rest is applied", line)
+        self.current = new
+        self.status.generation += 1
+        self._done("ok", None)
+        log.info(
+            "config reloaded (%s) in %.0f ms: generation %d; %s",
+            why,
+            (time.perf_counter() - started) * 1000,
+            self.status.generation,
+            diff.summary(),
+        )
+        return True
+
+    def _done(self, outcome: str, reason: str | None) -> None:
+        st = self.status
+        st.last_outcome, st.last_at, st.last_reason = outcome, self.clock(), reason
+        if outcome == "ok":
+            st.ok += 1
+        else:
+            st.errors += 1
