@@ -69,7 +69,7 @@ def test_check_missing_file_exits_2_without_traceback(tmp_path):
 @pytest.mark.parametrize(
     "args, message",
     [
-        ((), "nothing to serve: pass --config FILE or --upstream URL"),
+        ((), "nothing to serve: pass --service NAME, --function NAME, --project PROJECT, --upstream URL or --config FILE"),
         (("--upstream", "http://remote.example"), "--upstream: plain http:// to a remote host"),
         (("--upstream", "ftp://x"), "--upstream: must start with https://"),
         (("--upstream", "https://x.run.app", "--host", "0.0.0.0"), "listen.host: 0.0.0.0 is not a loopback address"),
