@@ -461,6 +461,7 @@ def _route(data: Any, index: int, errors: list[str], default_creds: Credentials,
 def _by_name(s: _Section, named: list[str]) -> dict[str, Any]:
     """The service/function keys of a route by name ({} for a route by URL)."""
     kind = next((k for k in ("service", "function") if k in named), None)
+    s.raw("function" if kind == "service" else "service")  # a second one is reported by the caller
     out: dict[str, Any] = {}
     if kind is not None:
         out[kind] = s.string(kind, None, lambda v: check_name(v, kind))

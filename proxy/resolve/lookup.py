@@ -27,6 +27,12 @@ from .defaults import PROJECT_HINT, Defaults, region_hint
 log = logging.getLogger(__name__)
 
 
+SCOPE_HINT = (
+    "on Compute Engine, give the VM's service account the cloud-platform access scope "
+    "(gcloud compute instances set-service-account ... --scopes=cloud-platform), or use a key file or impersonation"
+)
+
+
 class ResolveError(CredentialError):
     """A name that could not be turned into a URL: a startup error (exit 3) with a hint."""
 
@@ -175,6 +181,8 @@ def _refused(refusal: ApiRefusal, kind: str, name: str, place: Place, api: Admin
             f"the {_api_name(kind)} is not enabled in project {project}",
             f"run `gcloud services enable {host} --project {project}`, or set upstream: to the URL",
         )
+    if refusal.status == 403 and refusal.reason == "ACCESS_TOKEN_SCOPE_INSUFFICIENT":
+        return ResolveError(f"the access token of {api.caller} lacks the cloud-platform scope", SCOPE_HINT)
     if refusal.status == 403:
         if kind == "service":
             return ResolveError(
@@ -208,6 +216,8 @@ def list_refused(refusal: ApiRefusal, kind: str, project: str, region: str | Non
         return ResolveError(
             f"the {_api_name(kind)} is not enabled in project {project}", f"run `gcloud services enable {host} --project {project}`"
         )
+    if refusal.status == 403 and refusal.reason == "ACCESS_TOKEN_SCOPE_INSUFFICIENT":
+        return ResolveError(f"the access token of {api.caller} lacks the cloud-platform scope", SCOPE_HINT)
     if refusal.status == 403:
         permission, role = ("run.services.list", "roles/run.viewer") if kind == "service" else ("cloudfunctions.functions.list", "roles/cloudfunctions.viewer")
         return ResolveError(
