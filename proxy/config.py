@@ -359,6 +359,12 @@ def _upstream(s: _Section, allow_http: bool) -> str | None:
     return check_upstream(s, value, allow_http)
 
 
+def validate_upstream(value: str, allow_http: bool = False) -> tuple[str | None, list[str]]:
+    """(normalised URL or None, the problems): a URL from elsewhere (an API) held to the config's rules."""
+    errors: list[str] = []
+    return check_upstream(_Section({}, "", errors), value, allow_http), [e.removeprefix("upstream: ") for e in errors]
+
+
 def check_upstream(s: _Section, value: str, allow_http: bool) -> str | None:
     """The normalised upstream URL, or None after recording what is wrong with it."""
     try:

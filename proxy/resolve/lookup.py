@@ -19,7 +19,7 @@ import logging
 from dataclasses import dataclass
 from typing import Any
 
-from ..config import Route
+from ..config import Route, validate_upstream
 from ..errors import CredentialError
 from .api import AccessTokenError, AdminApi, ApiRefusal, Unreachable
 from .defaults import PROJECT_HINT, Defaults, region_hint
@@ -103,7 +103,7 @@ async def resolve_route(route: Route, api: AdminApi, place: Place, defaults: Def
             f"cannot reach the {_api_name(kind)} at {base} to look up {kind} {name} ({e})",
             "check the network (and HTTPS_PROXY), or the "
             + ("CLOUDSDK_API_ENDPOINT_OVERRIDES_RUN" if kind == "service" else "CLOUDSDK_API_ENDPOINT_OVERRIDES_CLOUDFUNCTIONS")
-            + " variable; or set upstream: to the URL",
+            + " variable; or give the URL itself (upstream, --upstream)",
         ) from None
     except AccessTokenError as e:
         raise ResolveError(f"cannot get an access token as {api.caller} to look up {kind} {name}: {e.reason}", _token_hint(e)) from None
@@ -146,7 +146,19 @@ def function_url(body: dict[str, Any]) -> str:
 
 
 def _filled(route: Route, url: str, audiences: tuple[str, ...]) -> Route:
-    return dataclasses.replace(route, upstream=url.rstrip("/"), audience=route.audience or url.rstrip("/"), custom_audiences=audiences)
+    url = checked_url(url, route.by_name or "route", route.allow_insecure_http)
+    return dataclasses.replace(route, upstream=url, audience=route.audience or url, custom_audiences=audiences)
+
+
+def checked_url(url: str, what: str, allow_http: bool = False) -> str:
+    """An upstream URL an API reported, held to the rules a configured one follows (config.check_upstream)."""
+    checked, errors = validate_upstream(url, allow_http)
+    if checked is None:
+        raise ResolveError(
+            f"{what}: the API reported an unusable URL: " + "; ".join(errors),
+            "give the URL itself (upstream, --upstream)",
+        )
+    return checked
 
 
 def _api_name(kind: str) -> str:
@@ -179,7 +191,7 @@ def _refused(refusal: ApiRefusal, kind: str, name: str, place: Place, api: Admin
         host = "run.googleapis.com" if kind == "service" else "cloudfunctions.googleapis.com"
         return ResolveError(
             f"the {_api_name(kind)} is not enabled in project {project}",
-            f"run `gcloud services enable {host} --project {project}`, or set upstream: to the URL",
+            f"run `gcloud services enable {host} --project {project}`, or give the URL itself (upstream, --upstream)",
         )
     if refusal.status == 403 and refusal.reason == "ACCESS_TOKEN_SCOPE_INSUFFICIENT":
         return ResolveError(f"the access token of {api.caller} lacks the cloud-platform scope", SCOPE_HINT)
@@ -189,11 +201,12 @@ def _refused(refusal: ApiRefusal, kind: str, name: str, place: Place, api: Admin
                 f"{api.caller} lacks permission run.services.get on service {name} {where}",
                 f"grant it roles/run.viewer (`gcloud run services add-iam-policy-binding {name} --region {region} "
                 f"--project {project} --member={_member(api.caller)} --role=roles/run.viewer`), "
-                "or set project_number to use the deterministic URL, or set upstream: to the service URL",
+                "or give the project number (project_number, --project-number) to use the deterministic URL, "
+                "or the URL itself (upstream, --upstream)",
             )
         return ResolveError(
             f"{api.caller} lacks permission cloudfunctions.functions.get on function {name} {where}",
-            f"grant it roles/cloudfunctions.viewer on project {project}, or set upstream: to the function URL",
+            f"grant it roles/cloudfunctions.viewer on project {project}, or give the URL itself (upstream, --upstream)",
         )
     if refusal.status == 401:
         return ResolveError(
@@ -204,7 +217,7 @@ def _refused(refusal: ApiRefusal, kind: str, name: str, place: Place, api: Admin
     detail = f": {refusal.message}" if refusal.message else ""
     return ResolveError(
         f"the {_api_name(kind)} answered {refusal.status} {refusal.state}{tries} for {kind} {name} {where}{detail}".replace("  ", " "),
-        "try again in a minute (Google Cloud status: https://status.cloud.google.com), or set upstream: to the URL",
+        "try again in a minute (Google Cloud status: https://status.cloud.google.com), or give the URL itself (upstream, --upstream)",
     )
 
 

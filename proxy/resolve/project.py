@@ -24,7 +24,7 @@ from ..auth.identity import Identity
 from ..config import Config, Route
 from ..policy.router import compile_route
 from .api import AccessTokenError, AdminApi, ApiRefusal, Unreachable
-from .lookup import ResolveError, function_url, list_refused
+from .lookup import ResolveError, checked_url, function_url, list_refused
 
 log = logging.getLogger(__name__)
 
@@ -96,7 +96,11 @@ def project_routes(listed: list[Listed], config: Config) -> list[Route]:
                 host_label = f"{base}--{item.region}"
                 if sum(1 for i in items if i.region == item.region) > 1 and item.kind == "function":
                     host_label += "--function"
-            url = item.url.rstrip("/")
+            try:
+                url = checked_url(item.url, f"{item.kind} {item.name}")
+            except ResolveError as e:
+                log.warning("not serving %s", str(e).splitlines()[0])
+                continue
             routes.append(
                 Route(
                     name=host_label,
