@@ -44,7 +44,7 @@ def closed_metadata(env: dict[str, str]) -> dict[str, str]:
 def test_check_prints_the_route_table():
     result = run("check", "config.example.yaml")
     assert result.returncode == 0, result.stderr
-    assert "OK, 4 routes" in result.stdout
+    assert "OK, 6 routes" in result.stdout
     assert re.search(r"^hello +\*/hello +https://hello-abc123-uc\.a\.run\.app +https://hello-abc123-uc\.a\.run\.app +authorization", result.stdout, re.M), result.stdout
 
 
