@@ -1,6 +1,9 @@
 """Command line: argv -> config -> logging -> run. The only place that exits.
 
     idtoken-proxy --config FILE              serve the routes of a YAML file
+    idtoken-proxy --service NAME [...]       serve one Cloud Run service (looked up by name) at /
+    idtoken-proxy --function NAME [...]      serve one Cloud Function at /
+    idtoken-proxy --project P [...]          serve every service of a project at NAME.localhost
     idtoken-proxy --upstream URL [...]       serve one upstream at /
     idtoken-proxy check FILE                 validate a config offline, print the routes
     idtoken-proxy token AUDIENCE             print a fresh ID token
@@ -29,6 +32,7 @@ EXIT_OK = 0
 EXIT_USAGE = 2  # argparse's own code for a bad command line
 EXIT_CONFIG = 2
 EXIT_STARTUP = 3
+EXIT_INTERRUPTED = 130
 
 ENV_PREFIX = "IDTOKEN_PROXY_"
 
@@ -73,6 +77,20 @@ def serve_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--config", metavar="FILE", help="YAML config with one or more routes")
     p.add_argument("--upstream", metavar="URL", help="quick mode: the one service to serve at / (no config file)")
+    p.add_argument("--service", metavar="NAME", help="quick mode: a Cloud Run service by name, its URL looked up at startup")
+    p.add_argument("--function", metavar="NAME", help="quick mode: a Cloud Function (1st or 2nd gen) by name")
+    p.add_argument("--region", metavar="REGION", help="region of --service/--function/--project (default: CLOUDSDK_RUN_REGION, gcloud's run/region)")
+    p.add_argument("--project", metavar="PROJECT", help="project of --service/--function; alone: serve every service of PROJECT at http://NAME.localhost:PORT")
+    p.add_argument("--tag", metavar="TAG", help="with --service: the revision tag's URL (TAG---...run.app)")
+    p.add_argument("--project-number", metavar="NUMBER", help="with --service: fall back to https://NAME-NUMBER.REGION.run.app if the lookup is refused")
+    p.add_argument("--all-regions", action="store_true", default=None, help="with --project alone: every region")
+    p.add_argument("--functions", action="store_true", default=None, help="with --project alone: functions too")
+    p.add_argument(
+        "--services-refresh",
+        type=float,
+        metavar="SECONDS",
+        help="with --project alone: list the services again this often (default: 300; 0: never)",
+    )
     p.add_argument("--audience", metavar="AUD", help="quick mode: token audience (default: the upstream URL)")
     p.add_argument(
         "--header",
@@ -100,10 +118,33 @@ def serve_parser() -> argparse.ArgumentParser:
     return p
 
 
+_NAME_FLAGS = ("region", "project", "tag", "project_number")
+_PROJECT_FLAGS = ("all_regions", "functions", "services_refresh")
+
+
+def _flag(dest: str) -> str:
+    return "--" + dest.replace("_", "-")
+
+
 def build_config(args: argparse.Namespace, env: Mapping[str, str]) -> Config:
     """Config from a file or the quick-mode flags, with flags applied on top."""
-    if args.config and args.upstream:
-        raise ConfigError(["--config and --upstream: use one or the other (a config file can hold many routes)"])
+    modes = [_flag(m) for m in ("config", "upstream", "service", "function") if getattr(args, m)]
+    if len(modes) > 1:
+        raise ConfigError([f"{' and '.join(modes)}: use one or the other (a config file can hold many routes)"])
+    whole_project = not modes and bool(args.project)
+    problems = []
+    for dest in _NAME_FLAGS if args.config or args.upstream else ():
+        if getattr(args, dest) is not None:
+            problems.append(f"{_flag(dest)} applies to --service, --function and --project; set it per route in a config file")
+    for dest in _PROJECT_FLAGS:
+        if getattr(args, dest) is not None and not whole_project and not (dest == "services_refresh" and args.config):
+            problems.append(f"{_flag(dest)} applies to --project without --service or --function")
+    if args.function and args.tag:
+        problems.append("--tag applies to --service (revision tags are a Cloud Run feature)")
+    if whole_project and (args.tag or args.project_number):
+        problems.append(f"{_flag('tag' if args.tag else 'project_number')} applies to --service")
+    if problems:
+        raise ConfigError(problems)
     if args.config:
         raw = read_yaml(args.config)
         if raw is None:
@@ -112,16 +153,40 @@ def build_config(args: argparse.Namespace, env: Mapping[str, str]) -> Config:
             raise ConfigError([f"{args.config}: must be a YAML mapping with a routes list"])
         for flag in ("audience", "header"):
             if getattr(args, flag) is not None:
-                raise ConfigError([f"--{flag} applies to quick mode (--upstream); set it per route in {args.config}"])
-    elif args.upstream:
-        route: dict[str, Any] = {"upstream": args.upstream}
+                raise ConfigError([f"--{flag} applies to quick mode (--upstream, --service, --function); set it per route in {args.config}"])
+        if args.services_refresh is not None:
+            raw["services_refresh"] = args.services_refresh
+    elif args.upstream or args.service or args.function:
+        route: dict[str, Any] = {"upstream": args.upstream} if args.upstream else {}
+        if args.service:
+            route["service"] = args.service
+        if args.function:
+            route["function"] = args.function
+        for dest in _NAME_FLAGS:
+            if getattr(args, dest) is not None:
+                route[dest] = getattr(args, dest)
         if args.audience:
             route["audience"] = args.audience
         if args.header:
             route["header"] = args.header
         raw = {"routes": [route]}
+    elif whole_project:
+        if args.audience or args.header:
+            raise ConfigError(["--audience and --header apply to one service (--upstream, --service, --function)"])
+        sp: dict[str, Any] = {"project": args.project}
+        if args.region:
+            sp["region"] = args.region
+        if args.all_regions:
+            sp["all_regions"] = True
+        if args.functions:
+            sp["functions"] = True
+        raw = {"serve_project": sp}
+        if args.services_refresh is not None:
+            raw["services_refresh"] = args.services_refresh
     else:
-        raise ConfigError(["nothing to serve: pass --config FILE or --upstream URL (see --help)"])
+        raise ConfigError(
+            ["nothing to serve: pass --service NAME, --function NAME, --project PROJECT, --upstream URL or --config FILE (see --help)"]
+        )
     listen = raw.setdefault("listen", {}) if isinstance(raw.get("listen", {}), dict) else raw["listen"]
     if isinstance(listen, dict):
         if args.host is not None:
@@ -145,9 +210,9 @@ def build_config(args: argparse.Namespace, env: Mapping[str, str]) -> Config:
     try:
         return parse_config(raw, env)
     except ConfigError as e:
-        if args.upstream:
+        if not args.config:
             # Quick mode has no file: name the flags, not routes[0].
-            e.errors = [m.replace("routes[0].", "--") for m in e.errors]
+            e.errors = [m.replace("routes[0].", "--").replace("serve_project.", "--").replace("project_number", "project-number").replace("all_regions", "all-regions") for m in e.errors]
         raise
 
 
@@ -160,9 +225,21 @@ def _print_errors(title: str, errors: Sequence[str]) -> None:
 def route_table(config: Config) -> str:
     rows = [("NAME", "MATCH", "UPSTREAM", "AUDIENCE", "HEADER", "IDENTITY")]
     for r in config.routes:
-        rows.append((r.name, f"{r.host or '*'}{r.prefix}", r.upstream, r.audience, r.header, r.credentials.source))
+        upstream = r.upstream or _unresolved(r)
+        rows.append((r.name, f"{r.host or '*'}{r.prefix}", upstream, r.audience or "(its URL)", r.header, r.credentials.source))
+    sp = config.serve_project
+    if sp is not None and not config.routes:
+        where = f"region {sp.region}" if sp.region else ("all regions" if sp.all_regions else "the default region")
+        rows.append(
+            ("(each)", "NAME.localhost/", f"every {'service and function' if sp.functions else 'service'} of project {sp.project or '(default)'}, {where}", "(its URL)", "authorization", config.credentials.source)
+        )
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
     return "\n".join("  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip() for row in rows)
+
+
+def _unresolved(r: Any) -> str:
+    where = ", ".join(x for x in (r.project and f"project {r.project}", r.region and f"region {r.region}", r.tag and f"tag {r.tag}") if x)
+    return f"({r.by_name}{', ' + where if where else ''})"
 
 
 def cmd_check(argv: Sequence[str], env: Mapping[str, str]) -> int:
@@ -180,12 +257,13 @@ def cmd_check(argv: Sequence[str], env: Mapping[str, str]) -> int:
     print(f"{args.file}: OK, {len(config.routes)} route{'s' * (len(config.routes) != 1)}, listening on {config.listen.host}:{config.listen.port}")
     print(route_table(config))
     if args.resolve:
-        return _resolve(config)
+        return _resolve(config, env)
     return EXIT_OK
 
 
-def _resolve(config: Config) -> int:
+def _resolve(config: Config, env: Mapping[str, str]) -> int:
     from .app import build_identities
+    from .resolve import needs_resolving, resolve_config
 
     setup_logging("warning")
     try:
@@ -195,7 +273,19 @@ def _resolve(config: Config) -> int:
         return EXIT_STARTUP
 
     async def run() -> int:
+        nonlocal config
         status = EXIT_OK
+        if needs_resolving(config):
+            try:
+                config, _ = await resolve_config(config, identities, env=env)
+            except CredentialError as e:
+                print(f"idtoken-proxy: {e}", file=sys.stderr)
+                return EXIT_STARTUP
+            print("resolved:")
+            print(route_table(config))
+            for r in config.routes:
+                if r.by_name:
+                    print(f"{r.name}: {r.by_name}" + (f" in {r.region}" if r.region else "") + f" is {r.upstream}; customAudiences: {', '.join(r.custom_audiences) or 'none'}")
         for ident in identities.values():
             await ident.resolve()
             for line in ident.report():
@@ -267,7 +357,7 @@ def cmd_serve(argv: Sequence[str], env: Mapping[str, str]) -> int:
     parser = serve_parser()
     _env_default(parser, env)
     args = parser.parse_args(argv)
-    if not args.config and env.get(ENV_PREFIX + "CONFIG") and not args.upstream:
+    if not args.config and env.get(ENV_PREFIX + "CONFIG") and not (args.upstream or args.service or args.function or args.project):
         args.config = env[ENV_PREFIX + "CONFIG"]
     try:
         config = build_config(args, env)
@@ -281,10 +371,19 @@ def cmd_serve(argv: Sequence[str], env: Mapping[str, str]) -> int:
 
     try:
         identities = build_identities(config)
-        app = make_app(config, identities=identities)
+        if _needs_resolving(config):
+            # Routes by name (and a whole project) are looked up before the listener opens.
+            from .resolve import resolve_config
+
+            config, jobs = _run(resolve_config(config, identities, quick=not args.config, env=env))
+        else:
+            jobs = ()
+        app = make_app(config, identities=identities, background=jobs)
     except CredentialError as e:
         print(f"idtoken-proxy: {e}", file=sys.stderr)
         return EXIT_STARTUP
+    except KeyboardInterrupt:
+        return EXIT_INTERRUPTED
     try:
         # Imports done and the app built: what exists now lives as long as the process.
         tune_gc()
@@ -295,15 +394,19 @@ def cmd_serve(argv: Sequence[str], env: Mapping[str, str]) -> int:
     return EXIT_OK
 
 
-def _run(coro: Any) -> None:
+def _needs_resolving(config: Config) -> bool:
+    # Without importing proxy.resolve (and requests) when every route has its URL.
+    return config.serve_project is not None or any(not r.resolved for r in config.routes)
+
+
+def _run(coro: Any) -> Any:
     """Run on uvloop where it exists, else on asyncio's own loop."""
     try:
         import uvloop
     except ImportError:
-        asyncio.run(coro)
-        return
+        return asyncio.run(coro)
     with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
-        runner.run(coro)
+        return runner.run(coro)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import weakref
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -43,6 +44,9 @@ class ProxyState:
     metrics: ProxyMetrics | None = None
     #: Open client websockets; shutdown closes them with 1001 (going away).
     websockets: weakref.WeakSet[web.WebSocketResponse] = field(default_factory=weakref.WeakSet)
+    #: Tasks that run while the proxy serves (a whole project's re-listing,
+    #: proxy/resolve/project.py), started after the token warm-up, cancelled at shutdown.
+    background: tuple[Callable[[ProxyState], Coroutine[Any, Any, None]], ...] = ()
 
 
 STATE = web.AppKey("state", ProxyState)
@@ -62,6 +66,7 @@ def make_app(
     *,
     identities: dict[Credentials, Identity] | None = None,
     tokens: TokenCache | None = None,
+    background: tuple[Callable[[ProxyState], Coroutine[Any, Any, None]], ...] = (),
 ) -> web.Application:
     """Build the proxy application. Tests pass ``identities``/``tokens`` to inject fakes."""
     # Also when embedded in another program: google-auth's DEBUG records carry tokens.
@@ -73,7 +78,7 @@ def make_app(
     compiled: list[CompiledRoute] = [
         compile_route(r, tokens.register(identities[r.credentials], r.audience)) for r in config.routes
     ]
-    state = ProxyState(config=config, identities=identities, tokens=tokens, router=Router(compiled))
+    state = ProxyState(config=config, identities=identities, tokens=tokens, router=Router(compiled), background=background)
     route_keys = [(r.name, r.token_key) for r in compiled]
     state.readiness = Readiness(tokens, route_keys)
     state.metrics = ProxyMetrics(tokens, route_keys, inflight=lambda: state.forwarder.inflight if state.forwarder else 0)
@@ -235,5 +240,9 @@ async def _token_lifecycle(app: web.Application) -> AsyncIterator[None]:
             f"; chosen because {ident.reason}" if ident.reason else "",
         )
     await state.tokens.warm_up()
+    tasks: list[asyncio.Task[None]] = [asyncio.create_task(job(state)) for job in state.background]
     yield
+    for task in tasks:
+        task.cancel()
+    await asyncio.gather(*tasks, return_exceptions=True)
     await state.tokens.close()

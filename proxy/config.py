@@ -16,13 +16,19 @@ from urllib.parse import urlsplit
 
 import yaml
 
-HEADER_MODES = ("authorization", "x-serverless-authorization")
+HEADER_MODES = ("authorization", "x-serverless-authorization", "proxy-authorization")
 SOURCES = ("auto", "service_account", "metadata", "impersonate", "user", "gcloud", "static")
 LOG_FORMATS = ("text", "json")
 LOG_LEVELS = ("debug", "info", "warning", "error")
 NAVIGATION_POLICIES = ("allow", "refuse")
 #: Paths under this prefix belong to the proxy itself (status, health, metrics).
 RESERVED_PREFIX = "/.proxy"
+#: Seconds between re-listings of a whole project's services (serve_project).
+SERVICES_REFRESH = 300.0
+#: Cloud Run service and Cloud Functions names: letters, digits, - and _ (functions).
+_NAME = re.compile(r"[A-Za-z][A-Za-z0-9_-]{0,62}")
+_REGION = re.compile(r"[a-z]+(-[a-z]+)*[0-9]+")
+_PROJECT = re.compile(r"[a-z][a-z0-9-]{4,28}[a-z0-9]|[a-z][a-z0-9.-]*:[a-z][a-z0-9-]{4,28}[a-z0-9]")
 
 
 class ConfigError(Exception):
@@ -57,6 +63,29 @@ class Route:
     allow_insecure_http: bool = False
     credentials: Credentials = field(default_factory=Credentials)
     max_body_bytes: int | None = None
+    #: By name instead of by URL (exactly one of upstream, service, function):
+    #: resolved at startup (proxy/resolve/), which fills in upstream and audience.
+    service: str | None = None
+    function: str | None = None
+    region: str | None = None
+    project: str | None = None
+    tag: str | None = None
+    project_number: str | None = None
+    #: The service's customAudiences, as the Admin API reported them (shown, not used).
+    custom_audiences: tuple[str, ...] = ()
+
+    @property
+    def by_name(self) -> str | None:
+        """``service hello`` / ``function fn`` for a route named by name, else None."""
+        if self.service:
+            return f"service {self.service}"
+        if self.function:
+            return f"function {self.function}"
+        return None
+
+    @property
+    def resolved(self) -> bool:
+        return bool(self.upstream)
 
     @property
     def upstream_parts(self) -> tuple[str, str, int, str]:
@@ -100,6 +129,16 @@ class Log:
 
 
 @dataclass(frozen=True)
+class ServeProject:
+    """Serve every service of a project, each at ``http://NAME.localhost:PORT``."""
+
+    project: str | None = None
+    region: str | None = None
+    all_regions: bool = False
+    functions: bool = False
+
+
+@dataclass(frozen=True)
 class Config:
     routes: tuple[Route, ...]
     listen: Listen = field(default_factory=Listen)
@@ -112,6 +151,9 @@ class Config:
     log: Log = field(default_factory=Log)
     #: Seconds in-flight requests get to finish after SIGTERM.
     shutdown_timeout: float = 8.0
+    serve_project: ServeProject | None = None
+    #: Seconds between re-listings in serve_project mode; 0: never.
+    services_refresh: float = SERVICES_REFRESH
 
 
 # --------------------------------------------------------------------------- reading
@@ -308,8 +350,23 @@ def _upstream(s: _Section, allow_http: bool) -> str | None:
     value = s.string("upstream")
     if value is None:
         if not s.has("upstream"):
-            s.error("upstream", "is required (the service URL, e.g. https://hello-abc123-uc.a.run.app)")
+            s.error(
+                "upstream",
+                "is required (the service URL, e.g. https://hello-abc123-uc.a.run.app), "
+                "or name the service instead: service: NAME or function: NAME",
+            )
         return None
+    return check_upstream(s, value, allow_http)
+
+
+def validate_upstream(value: str, allow_http: bool = False) -> tuple[str | None, list[str]]:
+    """(normalised URL or None, the problems): a URL from elsewhere (an API) held to the config's rules."""
+    errors: list[str] = []
+    return check_upstream(_Section({}, "", errors), value, allow_http), [e.removeprefix("upstream: ") for e in errors]
+
+
+def check_upstream(s: _Section, value: str, allow_http: bool) -> str | None:
+    """The normalised upstream URL, or None after recording what is wrong with it."""
     try:
         u = urlsplit(value)
         port = u.port
@@ -365,7 +422,15 @@ def _route(data: Any, index: int, errors: list[str], default_creds: Credentials,
     s = _Section(data, f"routes[{index}]", errors)
     before = len(errors)
     allow_http = s.boolean("allow_insecure_http", False)
-    upstream = _upstream(s, allow_http)
+    named = [k for k in ("upstream", "service", "function") if s.has(k)]
+    if len(named) > 1:
+        s.error(named[1], f"a route names exactly one of upstream, service and function; this one names {' and '.join(named)}")
+    by_name = _by_name(s, named)
+    if "service" in by_name or "function" in by_name:
+        s.raw("upstream")  # reported above if present
+        upstream: str | None = ""
+    else:
+        upstream = _upstream(s, allow_http)
     prefix = _prefix(s)
     host = s.string("host", None, _check_host_name)
     audience = s.string("audience", None, lambda v: None if v.strip() else "must not be empty")
@@ -380,11 +445,14 @@ def _route(data: Any, index: int, errors: list[str], default_creds: Credentials,
     if upstream is None or len(errors) > before:
         return None
     if name is None:
-        name = _default_name(host, upstream, prefix)
+        name = _default_name(host, upstream, prefix) if upstream else (by_name.get("service") or by_name.get("function") or "route") + (
+            "" if prefix == "/" else prefix
+        )
     return Route(
         name=name,
         prefix=prefix,
         upstream=upstream,
+        # A route by name gets its audience at resolution: "" means "the URL found".
         audience=audience or upstream,
         header=header,
         timeout=timeout,
@@ -392,7 +460,51 @@ def _route(data: Any, index: int, errors: list[str], default_creds: Credentials,
         allow_insecure_http=allow_http,
         credentials=creds,
         max_body_bytes=body,
+        **by_name,
     )
+
+
+def _by_name(s: _Section, named: list[str]) -> dict[str, Any]:
+    """The service/function keys of a route by name ({} for a route by URL)."""
+    kind = next((k for k in ("service", "function") if k in named), None)
+    s.raw("function" if kind == "service" else "service")  # a second one is reported by the caller
+    out: dict[str, Any] = {}
+    if kind is not None:
+        out[kind] = s.string(kind, None, lambda v: check_name(v, kind))
+        if out[kind] is None:
+            out[kind] = "-"  # already reported; keeps the route from being taken for one by URL
+    for key, check in (("region", check_region), ("project", check_project)):
+        if s.has(key) and kind is None:
+            s.error(key, "applies only to a route by name (service: or function:)")
+        value = s.string(key, None, check)
+        if value is not None:
+            out[key] = value
+    tag = s.string("tag", None, lambda v: None if re.fullmatch(r"[a-z][a-z0-9-]{0,45}", v) else f"must be a revision tag (lower-case letters, digits and -), got {v!r}")
+    if tag is not None:
+        if kind != "service":
+            s.error("tag", "applies only to a route with service: (revision tags are a Cloud Run feature)")
+        out["tag"] = tag
+    number = s.get("project_number", (str, int), None, lambda v: None if re.fullmatch(r"[0-9]{6,20}", str(v)) else f"must be the numeric project number, got {v!r}")
+    if number is not None:
+        if kind is None:
+            s.error("project_number", "applies only to a route by name (service: or function:)")
+        out["project_number"] = str(number)
+    return out
+
+
+def check_name(v: str, kind: str = "service") -> str | None:
+    if not _NAME.fullmatch(v) or (kind == "service" and not re.fullmatch(r"[a-z]([a-z0-9-]*[a-z0-9])?", v)):
+        what = "lower-case letters, digits and -" if kind == "service" else "letters, digits, - and _"
+        return f"must be a {kind} name ({what}, starting with a letter), got {v!r}"
+    return None
+
+
+def check_region(v: str) -> str | None:
+    return None if _REGION.fullmatch(v) else f"must be a region like us-central1, got {v!r}"
+
+
+def check_project(v: str) -> str | None:
+    return None if _PROJECT.fullmatch(v) else f"must be a project ID like my-project-123, got {v!r}"
 
 
 def _default_name(host: str | None, upstream: str, prefix: str) -> str:
@@ -511,10 +623,26 @@ def parse_config(raw: Any, env: Mapping[str, str] | None = None) -> Config:
             top.error(f"allowed_origins[{i}]", problem)
     navigation = top.choice("cross_site_navigation", NAVIGATION_POLICIES, "allow")
     shutdown_timeout = top.number("shutdown_timeout", 8.0, 0)
+    refresh = top.number("services_refresh", SERVICES_REFRESH, 0)
+    serve_project = None
+    if top.has("serve_project"):
+        sp = _Section(top.raw("serve_project"), "serve_project", errors)
+        serve_project = ServeProject(
+            project=sp.string("project", None, check_project),
+            region=sp.string("region", None, check_region),
+            all_regions=sp.boolean("all_regions", False),
+            functions=sp.boolean("functions", False),
+        )
+        if serve_project.region and serve_project.all_regions:
+            sp.error("all_regions", "use region or all_regions, not both")
+        sp.finish()
 
     routes: list[Route] = []
     raw_routes = top.raw("routes")
-    if raw_routes is None:
+    if serve_project is not None:
+        if raw_routes:
+            top.error("routes", "serve_project serves every service of the project by itself: leave routes out, or list the services as routes instead")
+    elif raw_routes is None:
         top.error("routes", "at least one route is required")
     elif not isinstance(raw_routes, list):
         top.error("routes", f"must be a list of routes, got {_kind(raw_routes)}")
@@ -552,6 +680,8 @@ def parse_config(raw: Any, env: Mapping[str, str] | None = None) -> Config:
         limits=limits,
         log=log,
         shutdown_timeout=shutdown_timeout,
+        serve_project=serve_project,
+        services_refresh=refresh,
     )
 
 

@@ -6,7 +6,7 @@
 #   bash tests/run.sh -- ARGS    extra arguments for pytest (e.g. -- -k websocket)
 #
 # Debian packages (chromium for the browser tests, nginx-light and wrk for the
-# benchmark smoke run, iproute2 for ss) are installed with apt-get where missing; Python packages
+# benchmark smoke run, iproute2 for ss, curl) are installed with apt-get where missing; Python packages
 # go into .venv from the project's `test` extra.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -23,6 +23,8 @@ while [ $# -gt 0 ]; do
 done
 
 missing=()
+# curl drives the proxy by name in tests/test_names_cli.py (the quick suite too).
+command -v curl >/dev/null 2>&1 || missing+=(curl)
 if [ "$quick" = 0 ]; then
   command -v chromium >/dev/null 2>&1 || missing+=(chromium)
   { command -v nginx >/dev/null 2>&1 || [ -x /usr/sbin/nginx ]; } || missing+=(nginx-light)

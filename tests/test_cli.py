@@ -44,7 +44,7 @@ def closed_metadata(env: dict[str, str]) -> dict[str, str]:
 def test_check_prints_the_route_table():
     result = run("check", "config.example.yaml")
     assert result.returncode == 0, result.stderr
-    assert "OK, 4 routes" in result.stdout
+    assert "OK, 6 routes" in result.stdout
     assert re.search(r"^hello +\*/hello +https://hello-abc123-uc\.a\.run\.app +https://hello-abc123-uc\.a\.run\.app +authorization", result.stdout, re.M), result.stdout
 
 
@@ -69,7 +69,7 @@ def test_check_missing_file_exits_2_without_traceback(tmp_path):
 @pytest.mark.parametrize(
     "args, message",
     [
-        ((), "nothing to serve: pass --config FILE or --upstream URL"),
+        ((), "nothing to serve: pass --service NAME, --function NAME, --project PROJECT, --upstream URL or --config FILE"),
         (("--upstream", "http://remote.example"), "--upstream: plain http:// to a remote host"),
         (("--upstream", "ftp://x"), "--upstream: must start with https://"),
         (("--upstream", "https://x.run.app", "--host", "0.0.0.0"), "listen.host: 0.0.0.0 is not a loopback address"),

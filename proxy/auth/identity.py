@@ -308,6 +308,8 @@ class ImpersonateIdentity(Identity):
     def __init__(self, target_credentials: Any, target: str, delegates: tuple[str, ...], via: str) -> None:
         super().__init__()
         self._target = target_credentials
+        #: The impersonated account's access-token credentials (also used to look services up).
+        self.target_credentials = target_credentials
         self.email = target
         self.delegates = delegates
         self.via = via
@@ -767,11 +769,11 @@ def adc_source() -> tuple[Any, str]:
     tried: list[str] = []
     env_path = os.environ.get("GOOGLE_APPLICATION_CREDENTIALS")
     if env_path:
-        return _source_from_file(env_path, load_json_key(env_path)), f"GOOGLE_APPLICATION_CREDENTIALS={env_path}"
+        return source_from_file(env_path, load_json_key(env_path)), f"GOOGLE_APPLICATION_CREDENTIALS={env_path}"
     tried.append("GOOGLE_APPLICATION_CREDENTIALS is not set")
     adc = gcloud_adc_path()
     if adc.is_file():
-        return _source_from_file(str(adc), load_json_key(str(adc))), f"gcloud application-default credentials {adc}"
+        return source_from_file(str(adc), load_json_key(str(adc))), f"gcloud application-default credentials {adc}"
     tried.append(f"no gcloud application-default credentials at {adc}")
     if _metadata_available():
         from google.auth import compute_engine
@@ -784,7 +786,7 @@ def adc_source() -> tuple[Any, str]:
     )
 
 
-def _source_from_file(path: str, info: dict[str, Any]) -> Any:
+def source_from_file(path: str, info: dict[str, Any]) -> Any:
     """Access-token credentials (cloud-platform scope) from a credentials file of any type."""
     scopes = [CLOUD_PLATFORM_SCOPE]
     kind = info.get("type")

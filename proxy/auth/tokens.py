@@ -96,6 +96,23 @@ class TokenCache:
             self._entries[key] = _Entry(identity, audience)
         return key
 
+    def add(self, identity: Identity, audience: str) -> TokenKey:
+        """``register`` at run time (a service that appeared): the first fetch starts now."""
+        key = self.register(identity, audience)
+        entry = self._entries[key]
+        if not self._closed and entry.minted is None and entry.inflight is None and entry.timer is None:
+            self._start(key, entry)
+        return key
+
+    def discard(self, key: TokenKey) -> None:
+        """Forget a key no route uses any more: its refresh timer stops."""
+        entry = self._entries.pop(key, None)
+        if entry is not None:
+            if entry.timer is not None:
+                entry.timer.cancel()
+            if entry.inflight is not None:
+                entry.inflight.cancel()
+
     def keys(self) -> list[TokenKey]:
         return list(self._entries.keys())
 

@@ -92,7 +92,11 @@ class RequestStats:
         # The proxy's own pages are not traffic, unless something was refused there.
         if reason is None and raw_path.startswith(PAGE_PATH):
             return
-        counts = self._by_route.get(request.get(ROUTE_KEY, "-"), self.unrouted)
+        name = request.get(ROUTE_KEY, "-")
+        counts = self._by_route.get(name)
+        if counts is None:
+            # A route added at run time (a whole project's new service) gets its own counts.
+            counts = self.unrouted if name == "-" else self._by_route.setdefault(name, _Counts())
         counts.requests += 1
         status = response.status
         if reason is None:
@@ -109,7 +113,8 @@ class StatusPage:
 
     def __init__(self, config: Config, routes: Sequence[CompiledRoute], tokens: TokenCache, stats: RequestStats) -> None:
         self.config = config
-        self.routes = list(routes)
+        # Kept, not copied: the router's list, which a whole project's refresh updates.
+        self.routes = routes
         self.tokens = tokens
         self.stats = stats
 
@@ -127,6 +132,9 @@ class StatusPage:
                     "upstream": r.route.upstream,
                     "audience": r.route.audience,
                     "header": r.route.header,
+                    "by_name": r.route.by_name,
+                    "region": r.route.region,
+                    "custom_audiences": list(r.route.custom_audiences),
                     "identity": st["identity"],
                     "source": st["source"],
                     "email": st["email"],
@@ -218,7 +226,10 @@ def render_html(doc: dict[str, Any]) -> str:
             "<tr>"
             f"<td><b>{_e(r['name'])}</b></td>"
             f"<td><code>{_e(match)}</code></td>"
-            f"<td><code>{_e(r['upstream'])}</code></td>"
+            f"<td><code>{_e(r['upstream'])}</code>"
+            + (f"<br><span class=muted>{_e(r['by_name'])}{' (' + _e(r['region']) + ')' if r.get('region') else ''}</span>" if r.get("by_name") else "")
+            + (f"<br><span class=muted>customAudiences: {', '.join(_e(a) for a in r['custom_audiences'])}</span>" if r.get("custom_audiences") else "")
+            + "</td>"
             f"<td><code>{_e(r['audience'])}</code><br><span class=muted>{_e(r['header'])} header</span></td>"
             f"<td>{_e(r['email'] or r['identity'])}<br><span class=muted>{_e(r['source'])}</span></td>"
             f"<td>{token}</td>"

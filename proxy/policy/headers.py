@@ -75,14 +75,17 @@ def upstream_request_headers(
 ) -> CIMultiDict[str]:
     """Headers to send upstream for a client request.
 
-    ``host`` is the upstream's Host value. ``token_header`` is ``authorization`` or
-    ``x-serverless-authorization``; in the latter mode the client's own
-    Authorization passes through untouched, since Cloud Run checks only the
-    X-Serverless-Authorization header when both are present. ``keep`` names
+    ``host`` is the upstream's Host value. ``token_header`` is ``authorization``,
+    ``x-serverless-authorization`` or ``proxy-authorization``; in the latter two
+    modes the client's own Authorization passes through untouched, since Cloud
+    Run checks only the X-Serverless-Authorization header when both are present
+    and IAP reads its token from Proxy-Authorization when the app uses
+    Authorization for itself. The client's own Proxy-Authorization is dropped
+    in every mode (the token replaces it). ``keep`` names
     headers to pass even though they would otherwise be stripped.
     """
     keep_lower = {k.lower() for k in keep}
-    if token_header == "x-serverless-authorization":
+    if token_header in ("x-serverless-authorization", "proxy-authorization"):
         keep_lower.add("authorization")
     named = connection_tokens(incoming)
     kept: list[tuple[str, str]] = []

@@ -114,13 +114,29 @@ class Router:
     """Longest-prefix match, whole segments, host routes before host-less ones."""
 
     def __init__(self, routes: list[CompiledRoute]) -> None:
+        #: The current table. ``replace`` changes this very list in place, so whoever
+        #: holds it (the status page) sees the table as it is now.
         self.routes = routes
+        self._index(routes, {})
+
+    def _index(self, routes: list[CompiledRoute], gone: dict[str, str]) -> None:
         by_host: dict[str | None, list[CompiledRoute]] = {}
         for r in routes:
             by_host.setdefault(r.route.host, []).append(r)
-        # Longest prefix first, so the first match wins.
+        # Longest prefix first, so the first match wins. One assignment each, so a
+        # request in flight sees the old table or the new one, never a mix.
         self._by_host = {h: sorted(rs, key=lambda r: len(r.route.prefix), reverse=True) for h, rs in by_host.items()}
         self.hosts = frozenset(h for h in self._by_host if h)
+        self._gone = gone
+
+    def replace(self, routes: list[CompiledRoute], gone: dict[str, str] | None = None) -> None:
+        """Make ``routes`` the table (a whole project's services, re-listed at run time).
+
+        ``gone`` maps host names no longer served to the reason a request for them
+        gets (404).
+        """
+        self._index(routes, dict(gone or {}))
+        self.routes[:] = routes
 
     def match(self, host: str | None, target: Target) -> tuple[CompiledRoute, str]:
         """The route for a request and the raw path remainder to forward."""
@@ -129,7 +145,14 @@ class Router:
             raise NoRoute(f"{RESERVED_PREFIX}/ is reserved for the proxy's own pages")
         candidates = self._by_host.get(host) if host else None
         if candidates is None:
-            candidates = self._by_host.get(None, [])
+            if host and host in self._gone:
+                raise NoRoute(self._gone[host])
+            candidates = self._by_host.get(None)
+            if candidates is None and self.hosts:
+                # Only host routes (a whole project): say where the services are.
+                shown = ", ".join(sorted(self.hosts)[:20]) + (", ..." if len(self.hosts) > 20 else "")
+                raise NoRoute(f"no service is served at {host or 'this host'}; the services are at {shown}")
+            candidates = candidates or []
         for r in candidates:
             prefix = r.route.prefix
             if prefix == "/":

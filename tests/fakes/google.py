@@ -9,6 +9,12 @@ One aiohttp app serves:
 - ``POST /v1/projects/-/serviceAccounts/{email}:generateIdToken``: IAM
   Credentials (patch ``google.auth.iam._IAM_IDTOKEN_ENDPOINT`` to
   :attr:`FakeGoogle.iam_idtoken_endpoint`).
+- ``POST /v1/projects/-/serviceAccounts/{email}:generateAccessToken``: an
+  impersonated access token (patch ``google.auth.iam._IAM_ENDPOINT`` to
+  :attr:`FakeGoogle.iam_access_token_endpoint`).
+
+Every access token records the scopes it was issued for (:meth:`caller`), so
+a fake Google API can refuse one without the scope it needs.
 - ``GET /certs`` (and ``/oauth2/v1/certs``): ``{kid: PEM certificate}``.
 - ``GET /mint?audience=A[&email=E&azp=Z&include_email=0]``: a token for the gcloud stub.
 
@@ -163,6 +169,10 @@ class FakeGoogle:
         app.router.add_post(
             "/v1/projects/-/serviceAccounts/{email}:generateIdToken", self._generate_id_token
         )
+        app.router.add_post(
+            "/v1/projects/-/serviceAccounts/{email}:generateAccessToken",
+            self._generate_access_token,
+        )
         self._server = BackgroundServer(app, port=port, sock=sock)
 
     def _set_defaults(self) -> None:
@@ -178,6 +188,7 @@ class FakeGoogle:
         self._service_accounts: dict[str, _ServiceAccount] = {}
         self._users: dict[str, _User] = {}
         self._access_tokens: dict[str, tuple[str, float]] = {}
+        self._access_scopes: dict[str, tuple[str, ...]] = {}
         self._impersonators: dict[str, set[str]] = {}
         self._faults: dict[str, _Fault] = {}
         self._hangs: dict[str, _Hang] = {}
@@ -228,6 +239,11 @@ class FakeGoogle:
     def metadata_host(self) -> str:
         """``127.0.0.1:PORT``: the value for ``GCE_METADATA_HOST`` / ``GCE_METADATA_IP``."""
         return f"127.0.0.1:{self.port}"
+
+    @property
+    def iam_access_token_endpoint(self) -> str:
+        """Replacement for ``google.auth.iam._IAM_ENDPOINT`` (generateAccessToken template)."""
+        return f"{self.url}/v1/projects/-/serviceAccounts/{{}}:generateAccessToken"
 
     @property
     def iam_idtoken_endpoint(self) -> str:
@@ -294,13 +310,31 @@ class FakeGoogle:
         with self._lock:
             self._impersonators.setdefault(target_email, set()).add(caller_email)
 
-    def issue_access_token(self, email: str, lifetime: int = ACCESS_TOKEN_LIFETIME) -> str:
-        """An access token for ``email`` that the fake IAM accepts."""
+    def issue_access_token(
+        self,
+        email: str,
+        lifetime: int = ACCESS_TOKEN_LIFETIME,
+        scopes: tuple[str, ...] | str | None = None,
+    ) -> str:
+        """An access token for ``email`` that the fake IAM accepts, for ``scopes``."""
         token = f"ya29.fake-{secrets.token_urlsafe(24)}"
+        if isinstance(scopes, str):
+            scopes = tuple(scopes.replace(",", " ").split())
         with self._lock:
             self._access_tokens[token] = (email, time.time() + lifetime)
+            self._access_scopes[token] = tuple(scopes or ())
             self.issued.append(token)
         return token
+
+    def caller(self, authorization: str) -> tuple[str, tuple[str, ...]] | None:
+        """(email, scopes) behind ``Authorization: Bearer ACCESS_TOKEN``, or None if unknown/expired."""
+        email = self._caller(authorization)
+        if email is None:
+            return None
+        token = authorization.partition(" ")[2]
+        with self._lock:
+            scopes = self._access_scopes.get(token, ())
+        return email, scopes
 
     def fail(self, endpoint: str, status: int = 503, count: int | None = None) -> None:
         """Answer ``status`` on ``endpoint`` for the next ``count`` calls (None: until heal)."""
@@ -484,7 +518,7 @@ class FakeGoogle:
             return web.json_response({"id_token": self.mint(target_audience, account.email)})
         return web.json_response(
             {
-                "access_token": self.issue_access_token(account.email),
+                "access_token": self.issue_access_token(account.email, scopes=claims.get("scope")),
                 "expires_in": ACCESS_TOKEN_LIFETIME,
                 "token_type": "Bearer",
             }
@@ -502,7 +536,7 @@ class FakeGoogle:
         scope = str(form.get("scope") or USER_SCOPES)
         return web.json_response(
             {
-                "access_token": self.issue_access_token(user.email),
+                "access_token": self.issue_access_token(user.email, scopes=scope),
                 "expires_in": ACCESS_TOKEN_LIFETIME - 1,
                 "scope": scope,
                 "token_type": "Bearer",
@@ -585,7 +619,9 @@ class FakeGoogle:
         if leaf == "token":
             return web.json_response(
                 {
-                    "access_token": self.issue_access_token(email),
+                    "access_token": self.issue_access_token(
+                        email, scopes=request.query.get("scopes") or tuple(self.metadata_scopes)
+                    ),
                     "expires_in": ACCESS_TOKEN_LIFETIME - 1,
                     "token_type": "Bearer",
                 },
@@ -653,6 +689,33 @@ class FakeGoogle:
             return _api_error(403, "PERMISSION_DENIED", _IAM_DENIED)
         email = target if body.get("includeEmail") else None
         return web.json_response({"token": self.mint(audience, email, sub=unique_id(target))})
+
+    async def _generate_access_token(self, request: web.Request) -> web.Response:
+        target = request.match_info["email"]
+        try:
+            body = await request.json()
+        except ValueError:
+            body = None
+        refused = await self._gate("iam")
+        if refused:
+            return refused
+        caller = self._caller(request.headers.get("Authorization", ""))
+        if caller is None:
+            return _api_error(401, "UNAUTHENTICATED", _IAM_UNAUTHENTICATED)
+        if not isinstance(body, dict) or not body.get("scope"):
+            return _api_error(400, "INVALID_ARGUMENT", "Scope is required.")
+        chain = [caller, *(body.get("delegates") or []), target]
+        with self._lock:
+            allowed = all(b in self._impersonators.get(c, set()) for b, c in pairwise(chain))
+        if not allowed:
+            return _api_error(
+                403,
+                "PERMISSION_DENIED",
+                "Permission 'iam.serviceAccounts.getAccessToken' denied on resource (or it may not exist).",
+            )
+        token = self.issue_access_token(target, scopes=tuple(body["scope"]))
+        expire = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(time.time() + ACCESS_TOKEN_LIFETIME))
+        return web.json_response({"accessToken": token, "expireTime": expire})
 
     def _caller(self, authorization: str) -> str | None:
         """The identity behind ``Authorization: Bearer ...``, or None."""

@@ -10,6 +10,8 @@ The front (a middleware) behaves like Cloud Run's:
   URL) and the OAuth client ids registered with :meth:`accept_client_id` (user
   tokens).
 - A token passed to :meth:`revoke` is refused from then on (401), valid or not.
+- With ``iap=True``, ``Proxy-Authorization`` (when present) is the one checked,
+  as IAP does when the app uses ``Authorization`` for itself.
 - When XSA was checked the app sees it with the signature replaced by
   ``SIGNATURE_REMOVED_BY_GOOGLE``; ``Authorization`` passes through intact.
 
@@ -120,6 +122,7 @@ class PrivateService:
         client_ids: Iterable[str] = (),
         require_auth: bool = True,
         cookie_domain: str = "127.0.0.1",
+        iap: bool = False,
     ) -> None:
         if require_auth and certs is None and certs_url is None:
             raise ValueError("pass certs or certs_url (or require_auth=False)")
@@ -129,6 +132,9 @@ class PrivateService:
         self._client_ids = set(client_ids)
         self._revoked: set[str] = set()
         self.require_auth = require_auth
+        #: In front like IAP: ``Proxy-Authorization``, when present, carries the token
+        #: and ``Authorization`` is the app's own (see README "IAP").
+        self.iap = iap
         #: ``Domain=`` of the cookie ``/set-cookie`` sets (the service's public host).
         self.cookie_domain = cookie_domain
         self._lock = threading.Lock()
@@ -228,6 +234,8 @@ class PrivateService:
     def _verify(self, headers: Mapping[str, str]) -> tuple[str, dict[str, Any]]:
         """Check the token as Cloud Run does; returns (checked header, claims)."""
         name = XSA if XSA in headers else hdrs.AUTHORIZATION
+        if self.iap and hdrs.PROXY_AUTHORIZATION in headers:
+            name = hdrs.PROXY_AUTHORIZATION
         value = headers.get(name)
         if value is None:
             raise _Refusal(403, "403 Forbidden: no identity token")
