@@ -7,6 +7,8 @@
     idtoken-proxy --upstream URL [...]       serve one upstream at /
     idtoken-proxy check FILE                 validate a config offline, print the routes
     idtoken-proxy token AUDIENCE             print a fresh ID token
+    idtoken-proxy demo [--port 8080]         the whole flow on loopback, no Google account
+    idtoken-proxy mcp URL [--audience AUD]   a private MCP server as a local stdio one
 
 Every serving flag can also be set as IDTOKEN_PROXY_<FLAG> (for example
 IDTOKEN_PROXY_UPSTREAM, IDTOKEN_PROXY_LOG_LEVEL); flags win over the
@@ -71,7 +73,8 @@ def serve_parser() -> argparse.ArgumentParser:
         ),
         epilog=(
             "Subcommands: `idtoken-proxy check FILE [--resolve]` validates a config; "
-            "`idtoken-proxy token AUDIENCE` prints a token. Flags win over IDTOKEN_PROXY_* "
+            "`idtoken-proxy token AUDIENCE` prints a token; `idtoken-proxy demo` shows the whole flow on "
+            "loopback, with no Google account; `idtoken-proxy mcp URL` serves a private MCP server over stdio. Flags win over IDTOKEN_PROXY_* "
             "environment variables, which win over the config file."
         ),
     )
@@ -416,6 +419,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         return cmd_check(args[1:], env)
     if args and args[0] == "token":
         return cmd_token(args[1:], env)
+    if args and args[0] == "demo":
+        from .demo import cmd_demo
+
+        return cmd_demo(args[1:], env, serve=cmd_serve)
+    if args and args[0] == "mcp":
+        from .mcpbridge import cmd_mcp
+
+        return cmd_mcp(args[1:], env)
     return cmd_serve(args, env)
 
 
