@@ -133,7 +133,9 @@ class _ServiceHandler(Handler):
             self.send_text(r.status, r.reason + "\n", extra)
             return
         url = urllib.parse.urlsplit(self.path)
-        if url.path == "/":
+        if self.command == "HEAD" and url.path != "/":
+            self.send_text(405, "streams answer GET only\n", {"Allow": "GET"})
+        elif url.path == "/":
             self._page(header, claims)
         elif url.path == "/ws":
             self._websocket()
