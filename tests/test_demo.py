@@ -154,6 +154,14 @@ def test_direct_is_403_and_through_the_proxy_is_200_with_the_callers_email(demo:
     assert "eyJ" not in body
 
 
+def test_the_status_page_shows_the_route_and_its_token_without_the_token(demo: Demo) -> None:
+    assert get(f"{demo.proxy_url}/")[0] == 200
+    status, _, body = get(f"{demo.proxy_url}/.proxy/status.json")
+    assert status == 200, body
+    assert demo.service_url in body and DEMO_EMAIL in body
+    assert "eyJ" not in body
+
+
 def test_a_bad_token_direct_is_401_with_www_authenticate(demo: Demo) -> None:
     status, headers, body = get(f"{demo.service_url}/", {"Authorization": "Bearer a.b.c"})
     assert status == 401, body
