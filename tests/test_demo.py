@@ -264,3 +264,26 @@ def test_a_busy_port_is_a_one_line_startup_error(tmp_path: Path) -> None:
     assert result.returncode == 3
     assert result.stderr.count("\n") == 1 and "--port" in result.stderr
     assert result.stdout == ""
+
+
+@pytest.mark.browser
+async def test_the_page_in_a_browser_shows_the_websocket_echo_and_the_event_stream(demo: Demo) -> None:
+    from tests.test_browser import CHROMIUM_ARGS, _chromium
+
+    executable = _chromium()
+    from playwright.async_api import async_playwright
+
+    async with async_playwright() as p:
+        browser = await p.chromium.launch(executable_path=executable, headless=True, args=CHROMIUM_ARGS)
+        try:
+            page = await browser.new_page()
+            response = await page.goto(f"http://localhost:{demo.port}/")
+            assert response is not None and response.status == 200
+            assert DEMO_EMAIL in await page.inner_text("h1")
+            assert "nothing reaches Google" in await page.inner_text(".demo")
+            # The page's own script: a websocket echo and an event stream, through the proxy.
+            await page.wait_for_function("document.getElementById('ws').textContent.startsWith('echoed: ')", timeout=30_000)
+            assert await page.inner_text("#ws") == "echoed: hello through the proxy"
+            await page.wait_for_function("document.getElementById('sse').textContent.startsWith('event 3 of 3')", timeout=30_000)
+        finally:
+            await browser.close()

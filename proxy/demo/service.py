@@ -302,8 +302,9 @@ const ws = new WebSocket((location.protocol === "https:" ? "wss://" : "ws://") +
 ws.onopen = () => ws.send("hello through the proxy");
 ws.onmessage = (m) => {{ document.getElementById("ws").textContent = "echoed: " + m.data; ws.close(1000); }};
 ws.onerror = () => {{ document.getElementById("ws").textContent = "failed"; }};
-const es = new EventSource("/events?count=5&interval=1");
+const es = new EventSource("/events?count=3&interval=0.5");
 es.addEventListener("tick", (e) => {{ document.getElementById("sse").textContent = e.data; }});
+// The stream ends after its last event; without close() EventSource would reconnect.
 es.onerror = () => es.close();
 </script>
 </body></html>
