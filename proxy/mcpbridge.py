@@ -59,7 +59,8 @@ def mcp_parser() -> argparse.ArgumentParser:
         prog="idtoken-proxy mcp",
         description=(
             "Serve a private streamable-HTTP MCP server (Cloud Run, Cloud Functions) to a local MCP client over "
-            "stdio, with a fresh Google-signed ID token on every request. Only MCP messages go to stdout; "
+            "stdio, with a current Google-signed ID token (cached, refreshed in the background) on every request. "
+            "Only MCP messages go to stdout; "
             "logs go to stderr. Needs: pip install 'idtoken-proxy[mcp]'."
         ),
     )
@@ -127,7 +128,8 @@ def cmd_mcp(argv: Sequence[str], env: Mapping[str, str]) -> int:
     try:
         identity = build_identity(creds)
     except CredentialError as e:
-        print(f"idtoken-proxy mcp: {e}" + (f" (hint: {e.hint})" if e.hint else ""), file=sys.stderr)
+        # The message carries its hint already.
+        print(f"idtoken-proxy mcp: {e}", file=sys.stderr)
         return EXIT_STARTUP
 
     async def run() -> None:

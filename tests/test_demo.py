@@ -154,6 +154,14 @@ def test_direct_is_403_and_through_the_proxy_is_200_with_the_callers_email(demo:
     assert "eyJ" not in body
 
 
+def test_the_status_page_shows_the_route_and_its_token_without_the_token(demo: Demo) -> None:
+    assert get(f"{demo.proxy_url}/")[0] == 200
+    status, _, body = get(f"{demo.proxy_url}/.proxy/status.json")
+    assert status == 200, body
+    assert demo.service_url in body and DEMO_EMAIL in body
+    assert "eyJ" not in body
+
+
 def test_a_bad_token_direct_is_401_with_www_authenticate(demo: Demo) -> None:
     status, headers, body = get(f"{demo.service_url}/", {"Authorization": "Bearer a.b.c"})
     assert status == 401, body
@@ -256,3 +264,26 @@ def test_a_busy_port_is_a_one_line_startup_error(tmp_path: Path) -> None:
     assert result.returncode == 3
     assert result.stderr.count("\n") == 1 and "--port" in result.stderr
     assert result.stdout == ""
+
+
+@pytest.mark.browser
+async def test_the_page_in_a_browser_shows_the_websocket_echo_and_the_event_stream(demo: Demo) -> None:
+    from tests.test_browser import CHROMIUM_ARGS, _chromium
+
+    executable = _chromium()
+    from playwright.async_api import async_playwright
+
+    async with async_playwright() as p:
+        browser = await p.chromium.launch(executable_path=executable, headless=True, args=CHROMIUM_ARGS)
+        try:
+            page = await browser.new_page()
+            response = await page.goto(f"http://localhost:{demo.port}/")
+            assert response is not None and response.status == 200
+            assert DEMO_EMAIL in await page.inner_text("h1")
+            assert "nothing reaches Google" in await page.inner_text(".demo")
+            # The page's own script: a websocket echo and an event stream, through the proxy.
+            await page.wait_for_function("document.getElementById('ws').textContent.startsWith('echoed: ')", timeout=30_000)
+            assert await page.inner_text("#ws") == "echoed: hello through the proxy"
+            await page.wait_for_function("document.getElementById('sse').textContent.startsWith('event 3 of 3')", timeout=30_000)
+        finally:
+            await browser.close()

@@ -24,6 +24,7 @@ import pytest
 # The test extra installs the SDK: without it these tests fail to import, never skip.
 from mcp import Client, StdioServerParameters
 from mcp.client.streamable_http import streamable_http_client
+from mcp_types.version import MODERN_PROTOCOL_VERSIONS
 
 from tests.fakes import FakeGoogle
 from tests.fakes.mcp_server import PrivateMCPServer
@@ -202,6 +203,9 @@ async def test_bridge_initialize_list_and_call_end_to_end(
 
     async with Client(stdio_client(bridge(mcp_server.mcp_url, bridge_env), errlog=errlog), mode=mode, logging_callback=on_log) as client:
         assert client.server_info is not None and client.server_info.name == "private-mcp-test"
+        # Both eras through the bridge: the 2025 handshake, and the 2026 per-request envelope
+        # whose HTTP headers (MCP-Protocol-Version, Mcp-Method, Mcp-Name) the bridge adds.
+        assert (client.protocol_version in MODERN_PROTOCOL_VERSIONS) == (mode == "auto")
         tools = await client.list_tools()
         assert {t.name for t in tools.tools} == {"echo", "whoami", "countdown"}
         assert _text(await client.call_tool("echo", {"text": "through stdio"})) == "through stdio"

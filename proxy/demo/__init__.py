@@ -31,6 +31,7 @@ from .service import NOTHING_REACHES_GOOGLE, PrivateService
 #: The demo's service account (a made-up project: the key exists only for the stand-in).
 DEMO_EMAIL = "demo-caller@idtoken-proxy-demo.iam.gserviceaccount.com"
 EXIT_OK = 0
+EXIT_USAGE = 2
 EXIT_STARTUP = 3
 ENV_PREFIX = "IDTOKEN_PROXY_"
 
@@ -120,7 +121,7 @@ def cmd_demo(argv: Sequence[str], env: Mapping[str, str], serve: ServeCommand) -
     args = demo_parser().parse_args(argv)
     if not 0 < args.port < 65536:
         print(f"idtoken-proxy demo: --port {args.port}: must be between 1 and 65535", file=sys.stderr)
-        return 2
+        return EXIT_USAGE
     busy = _port_free(args.port)
     if busy is not None:
         print(f"idtoken-proxy demo: cannot listen on 127.0.0.1:{args.port}: {busy} (hint: pick another with --port)", file=sys.stderr)

@@ -133,7 +133,9 @@ class _ServiceHandler(Handler):
             self.send_text(r.status, r.reason + "\n", extra)
             return
         url = urllib.parse.urlsplit(self.path)
-        if url.path == "/":
+        if self.command == "HEAD" and url.path != "/":
+            self.send_text(405, "streams answer GET only\n", {"Allow": "GET"})
+        elif url.path == "/":
             self._page(header, claims)
         elif url.path == "/ws":
             self._websocket()
@@ -300,8 +302,9 @@ const ws = new WebSocket((location.protocol === "https:" ? "wss://" : "ws://") +
 ws.onopen = () => ws.send("hello through the proxy");
 ws.onmessage = (m) => {{ document.getElementById("ws").textContent = "echoed: " + m.data; ws.close(1000); }};
 ws.onerror = () => {{ document.getElementById("ws").textContent = "failed"; }};
-const es = new EventSource("/events?count=5&interval=1");
+const es = new EventSource("/events?count=3&interval=0.5");
 es.addEventListener("tick", (e) => {{ document.getElementById("sse").textContent = e.data; }});
+// The stream ends after its last event; without close() EventSource would reconnect.
 es.onerror = () => es.close();
 </script>
 </body></html>
