@@ -288,7 +288,8 @@ async def test_chunked_upload_to_an_upstream_that_answers_early(start_proxy, mon
                 # Drained: the body's end was found and the next request went on as usual.
                 assert sent == "sent" and (after.status, after.body) == (200, b"after\n"), (sent, after.status, after.text)
         finally:
-            await conn.close()
+            # Abort, not close: a proxy that stopped reading would hold a graceful close forever.
+            conn.writer.transport.abort()
     assert len(upstream.heads) >= 1 and upstream.heads[0].startswith(b"POST /upload HTTP/1.1")
 
 
