@@ -29,6 +29,8 @@ if [ "$quick" = 0 ]; then
   command -v wrk >/dev/null 2>&1 || missing+=(wrk)
   # The benchmark's Go peer (bench/goproxy, tests/test_bench_smoke.py).
   { command -v go >/dev/null 2>&1 || [ -x /usr/lib/go/bin/go ]; } || missing+=(golang-go)
+  # openssl rehash builds the SSL_CERT_DIR of tests/test_https_upstream.py.
+  command -v openssl >/dev/null 2>&1 || missing+=(openssl)
   # ss reads the main listener's accept queue (tests/test_server_backlog.py).
   { command -v ss >/dev/null 2>&1 || [ -x /usr/sbin/ss ] || [ -x /bin/ss ]; } || missing+=(iproute2)
 fi

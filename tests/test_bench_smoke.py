@@ -13,7 +13,6 @@ import asyncio
 import importlib.util
 import os
 import re
-import shutil
 import subprocess
 import sys
 from pathlib import Path

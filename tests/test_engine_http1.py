@@ -9,11 +9,9 @@ Only the running proxy is used (the ``start_proxy`` fixture or ``python -m proxy
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import hashlib
 import json
-import os
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 

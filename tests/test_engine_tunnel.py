@@ -11,8 +11,6 @@ import json
 import os
 import threading
 from collections.abc import AsyncIterator, Iterator
-from pathlib import Path
-from typing import Any
 
 import aiohttp
 import pytest

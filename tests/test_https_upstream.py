@@ -12,6 +12,9 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
+import shutil
+import subprocess
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
@@ -81,6 +84,27 @@ async def test_get_over_https_sends_sni_and_the_token_for_the_https_audience(sta
     assert seen.claims is not None and seen.claims["aud"] == f"https://{HOST}:{https_service.port}"
     assert seen.header("Host") == f"{HOST}:{https_service.port}"
     # One handshake, and it named the route's host.
+    assert https_service.handshakes == [HOST]
+
+
+async def test_ssl_cert_dir_is_honoured_too(start_proxy, client, sa_key, https_service, test_ca, clean_env, monkeypatch, tmp_path):
+    # A hashed certificate directory, as `openssl rehash` (c_rehash) makes and OpenSSL reads.
+    openssl = shutil.which("openssl", path=os.environ.get("PATH", "") + os.pathsep + "/usr/bin:/bin")
+    if openssl is None:
+        if os.environ.get("CI", "").lower() == "true":
+            pytest.fail("CI=true: openssl not installed (apt-get install -y openssl; tests/run.sh does it)")
+        pytest.skip("openssl not installed (apt-get install -y openssl)")
+    certs = tmp_path / "certs"
+    certs.mkdir()
+    shutil.copy(test_ca.ca_file, certs / "test-ca.pem")
+    subprocess.run([openssl, "rehash", str(certs)], check=True, capture_output=True, timeout=30)
+    assert any(p.suffix == ".0" for p in certs.iterdir()), list(certs.iterdir())
+    monkeypatch.delenv("SSL_CERT_FILE", raising=False)
+    monkeypatch.setenv("SSL_CERT_DIR", str(certs))
+    proxy = await start_proxy(sa_config(sa_key[0], https_service.url))
+    async with client.get(f"{proxy.url}/hello") as r:
+        assert r.status == 200, await r.text()
+    assert https_service.last.claims is not None
     assert https_service.handshakes == [HOST]
 
 
