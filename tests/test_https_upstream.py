@@ -87,6 +87,16 @@ async def test_get_over_https_sends_sni_and_the_token_for_the_https_audience(sta
     assert https_service.handshakes == [HOST]
 
 
+async def test_ip_upstream_sends_no_sni_and_is_verified_against_the_ip(start_proxy, client, sa_key, https_service, trust_ca):
+    # RFC 6066: no IP literal in SNI; the certificate's IP address entry is what is checked.
+    upstream = f"https://127.0.0.1:{https_service.port}"
+    proxy = await start_proxy(sa_config(sa_key[0], upstream, audience=https_service.url))
+    async with client.get(f"{proxy.url}/hello") as r:
+        assert r.status == 200, await r.text()
+    assert https_service.last.header("Host") == f"127.0.0.1:{https_service.port}"
+    assert https_service.handshakes == [None]
+
+
 async def test_ssl_cert_dir_is_honoured_too(start_proxy, client, sa_key, https_service, test_ca, clean_env, monkeypatch, tmp_path):
     # A hashed certificate directory, as `openssl rehash` (c_rehash) makes and OpenSSL reads.
     openssl = shutil.which("openssl", path=os.environ.get("PATH", "") + os.pathsep + "/usr/bin:/bin")
