@@ -5,8 +5,8 @@
 #   bash tests/run.sh --quick    the everyday suite: no browser, soak or fuzz tests
 #   bash tests/run.sh -- ARGS    extra arguments for pytest (e.g. -- -k websocket)
 #
-# Debian packages (chromium for the browser tests, nginx-light and wrk for the
-# benchmark smoke run, iproute2 for ss, curl) are installed with apt-get where missing; Python packages
+# Debian packages (chromium for the browser tests, nginx-light, wrk and golang-go for the
+# benchmark smoke run, iproute2 for ss, curl, openssl) are installed with apt-get where missing; Python packages
 # go into .venv from the project's `test` extra.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -29,6 +29,10 @@ if [ "$quick" = 0 ]; then
   command -v chromium >/dev/null 2>&1 || missing+=(chromium)
   { command -v nginx >/dev/null 2>&1 || [ -x /usr/sbin/nginx ]; } || missing+=(nginx-light)
   command -v wrk >/dev/null 2>&1 || missing+=(wrk)
+  # The benchmark's Go peer (bench/goproxy, tests/test_bench_smoke.py).
+  { command -v go >/dev/null 2>&1 || [ -x /usr/lib/go/bin/go ]; } || missing+=(golang-go)
+  # openssl rehash builds the SSL_CERT_DIR of tests/test_https_upstream.py.
+  command -v openssl >/dev/null 2>&1 || missing+=(openssl)
   # ss reads the main listener's accept queue (tests/test_server_backlog.py).
   { command -v ss >/dev/null 2>&1 || [ -x /usr/sbin/ss ] || [ -x /bin/ss ]; } || missing+=(iproute2)
 fi

@@ -1,0 +1,3 @@
+module idtoken-proxy/bench/goproxy
+
+go 1.19
