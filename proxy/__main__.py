@@ -138,7 +138,7 @@ def build_config(args: argparse.Namespace, env: Mapping[str, str]) -> Config:
     problems = []
     for dest in _NAME_FLAGS if args.config or args.upstream else ():
         if getattr(args, dest) is not None:
-            problems.append(f"{_flag(dest)} applies to --service, --function and --project; set it per route in a config file")
+            problems.append(f"{_flag(dest)} applies to quick mode by name (--service, --function, --project); set it per route in the config file")
     for dest in _PROJECT_FLAGS:
         if getattr(args, dest) is not None and not whole_project and not (dest == "services_refresh" and args.config):
             problems.append(f"{_flag(dest)} applies to --project without --service or --function")
@@ -360,7 +360,7 @@ def cmd_serve(argv: Sequence[str], env: Mapping[str, str]) -> int:
     parser = serve_parser()
     _env_default(parser, env)
     args = parser.parse_args(argv)
-    if not args.config and env.get(ENV_PREFIX + "CONFIG") and not (args.upstream or args.service or args.function or args.project):
+    if not args.config and env.get(ENV_PREFIX + "CONFIG") and not (args.upstream or args.service or args.function):
         args.config = env[ENV_PREFIX + "CONFIG"]
     try:
         config = build_config(args, env)

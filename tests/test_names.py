@@ -19,7 +19,7 @@ from proxy.config import ConfigError, parse_config
 from proxy.resolve import ResolveError, resolve_config
 from proxy.resolve.defaults import Defaults
 from proxy.app import build_identities
-from tests.fakes import ADC_CLIENT_ID, DEFAULT_USER_EMAIL
+from tests.fakes import ADC_CLIENT_ID, DEFAULT_USER_EMAIL, GCLOUD_CLIENT_ID
 from tests.fakes.google import DEFAULT_PROJECT_NUMBER
 
 from .test_identity_support import client, no_metadata, user_token_endpoint  # noqa: F401
@@ -93,6 +93,17 @@ async def test_service_by_name_with_impersonation(serve_by_name, apis, key_env, 
         assert r.status == 200, await r.text()
     assert apis.run.calls_by_caller == {target: 1}
     assert private_service.last.claims["email"] == target
+
+
+async def test_service_by_name_with_the_gcloud_cli(serve_by_name, apis, private_service, client, gcloud_stub, no_metadata):
+    private_service.accept_client_id(GCLOUD_CLIENT_ID)
+    apis.run.add_service("hello", uri=private_service.url)
+    apis.run.grant(DEFAULT_USER_EMAIL, "run.services.get")
+    proxy = await serve_by_name({"credentials": {"source": "gcloud"}, **by_name(service="hello")})
+    async with client.get(proxy.url + "/") as r:
+        assert r.status == 200, await r.text()
+    assert apis.run.calls_by_caller[DEFAULT_USER_EMAIL] == 1
+    assert ["auth", "print-access-token"] in gcloud_stub.invocations()
 
 
 async def test_an_access_token_without_the_cloud_platform_scope_is_refused(apis, google, clean_env):

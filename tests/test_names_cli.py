@@ -159,7 +159,7 @@ def test_whole_project_without_a_region_offers_all_regions(apis, key_env, google
     [
         (("--service", "hello", "--upstream", "https://x.run.app"), "--upstream and --service: use one or the other"),
         (("--function", "f", "--tag", "green"), "--tag applies to --service (revision tags are a Cloud Run feature)"),
-        (("--upstream", "https://x.run.app", "--region", "us-central1"), "--region applies to --service, --function and --project"),
+        (("--upstream", "https://x.run.app", "--region", "us-central1"), "--region applies to quick mode by name (--service, --function, --project); set it per route in the config file"),
         (("--service", "hello", "--all-regions"), "--all-regions applies to --project without --service or --function"),
         (("--project", "my-project", "--region", "us-central1", "--all-regions"), "--all-regions: use region or all-regions, not both"),
         (("--service", "Hello_",), "--service: must be a service name"),

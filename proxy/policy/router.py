@@ -123,8 +123,8 @@ class Router:
         by_host: dict[str | None, list[CompiledRoute]] = {}
         for r in routes:
             by_host.setdefault(r.route.host, []).append(r)
-        # Longest prefix first, so the first match wins. One assignment each, so a
-        # request in flight sees the old table or the new one, never a mix.
+        # Longest prefix first, so the first match wins. replace() runs on the event
+        # loop, between the steps of requests: each match sees one whole table.
         self._by_host = {h: sorted(rs, key=lambda r: len(r.route.prefix), reverse=True) for h, rs in by_host.items()}
         self.hosts = frozenset(h for h in self._by_host if h)
         self._gone = gone

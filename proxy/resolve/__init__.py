@@ -13,6 +13,7 @@ message says what to do. Modules:
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import logging
 from collections.abc import Callable, Coroutine, Mapping
@@ -78,7 +79,8 @@ async def resolve_config(
             routes.append(route)
             continue
         where = "--" if quick else f"routes[{i}]."
-        place = place_of(route, where, defaults)
+        # Defaults may come from the metadata server (a blocking call): off the loop.
+        place = await asyncio.to_thread(place_of, route, where, defaults)
         resolved = await resolve_route(route, apis.get(identities[route.credentials]), place, defaults)
         log.info(
             "route %s: %s%s in project %s (from %s), region %s (from %s) is %s",
@@ -100,7 +102,7 @@ async def resolve_config(
         if config.credentials not in identities:
             identities[config.credentials] = build_identity(config.credentials)
         ident = identities[config.credentials]
-        found = defaults.project(sp.project, "--project" if quick else "serve_project.project")
+        found = await asyncio.to_thread(defaults.project, sp.project, "--project" if quick else "serve_project.project")
         if found is None:
             raise ResolveError("serve_project: no project given or configured", PROJECT_HINT)
         region = None

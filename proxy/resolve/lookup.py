@@ -14,6 +14,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import logging
 from dataclasses import dataclass
@@ -82,7 +83,8 @@ async def resolve_route(route: Route, api: AdminApi, place: Place, defaults: Def
             body = await api.get_function(place.project, place.region, name)
     except ApiRefusal as refusal:
         if refusal.status == 403 and kind == "service":
-            number = defaults.project_number(place.project, route.project_number)
+            # The metadata server may be asked: a blocking call, off the loop.
+            number = await asyncio.to_thread(defaults.project_number, place.project, route.project_number)
             if number:
                 url = deterministic_url(name, number, place.region, route.tag)
                 why = "the API is not enabled" if refusal.disabled else f"{api.caller} lacks run.services.get"

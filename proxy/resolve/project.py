@@ -22,6 +22,7 @@ from typing import Any
 
 from ..auth.identity import Identity
 from ..config import Config, Route
+from ..errors import redact
 from ..policy.router import compile_route
 from .api import AccessTokenError, AdminApi, ApiRefusal, Unreachable
 from .lookup import ResolveError, checked_url, function_url, list_refused
@@ -155,8 +156,9 @@ class ProjectWatch:
         functions = bool(sp and sp.functions)
         try:
             listed = await list_project(self.api, self.project, self.region, functions)
-        except ResolveError as e:
-            log.warning("refreshing the services of project %s failed, keeping the current routes: %s", self.project, str(e).splitlines()[0])
+        except Exception as e:  # noqa: BLE001 - whatever failed, the routes being served stay
+            reason = str(e).splitlines()[0] if str(e) else type(e).__name__
+            log.warning("refreshing the services of project %s failed, keeping the current routes: %s", self.project, redact(reason))
             return None
         self.refreshes += 1
         new = {r.host or "": r for r in project_routes(listed, self.config)}

@@ -8,6 +8,8 @@ Supported, with gcloud 528's behaviour and messages:
   (``32555940559.apps.googleusercontent.com``).  As in real gcloud,
   ``--audiences`` needs a service-account (or impersonated) credential: for a
   user account the stub fails with "Invalid account type for `--audiences`".
+- ``gcloud auth print-access-token``: an access token (cloud-platform scope)
+  from the fake Google's ``/mint-access``, for the active account.
 - ``gcloud config get-value account``.
 
 "Logged out" (a file ``not-logged-in`` in the stub's directory, or
@@ -104,11 +106,28 @@ def print_identity_token(args):
     print(token)
 
 
+def print_access_token(args):
+    command = "gcloud.auth.print-access-token"
+    if args:
+        fail(command, "unrecognized arguments: " + " ".join(args), 2)
+    if logged_out():
+        fail(command, NO_ACCOUNT)
+    url = FAKE_GOOGLE + "/mint-access?" + urllib.parse.urlencode({{"email": ACCOUNT}})
+    opener = urllib.request.build_opener(urllib.request.ProxyHandler({{}}))
+    try:
+        with opener.open(url, timeout=10) as response:
+            print(response.read().decode())
+    except (urllib.error.URLError, OSError) as exc:
+        fail(command, "There was a problem refreshing your current auth tokens: {{}}".format(exc))
+
+
 def main(argv):
     with open(os.path.join(HERE, {calls_file!r}), "a") as log:
         log.write(json.dumps(argv) + "\n")
     if argv[:2] == ["auth", "print-identity-token"]:
         print_identity_token(argv[2:])
+    elif argv[:2] == ["auth", "print-access-token"]:
+        print_access_token(argv[2:])
     elif argv[:3] == ["config", "get-value", "account"]:
         if logged_out():
             sys.stderr.write("(unset)\n")

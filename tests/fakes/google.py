@@ -17,6 +17,7 @@ Every access token records the scopes it was issued for (:meth:`caller`), so
 a fake Google API can refuse one without the scope it needs.
 - ``GET /certs`` (and ``/oauth2/v1/certs``): ``{kid: PEM certificate}``.
 - ``GET /mint?audience=A[&email=E&azp=Z&include_email=0]``: a token for the gcloud stub.
+- ``GET /mint-access?email=E``: an access token (cloud-platform) for the gcloud stub.
 
 Wire details follow the real services as read from google-auth 2.63 and
 gcloud 528 (see /work/shared/notes/google-auth.md).  Fault injection and
@@ -164,6 +165,7 @@ class FakeGoogle:
         app.router.add_get("/certs", self._certs)
         app.router.add_get("/oauth2/v1/certs", self._certs)
         app.router.add_get("/mint", self._mint)
+        app.router.add_get("/mint-access", self._mint_access)
         app.router.add_get("/", self._ping)
         app.router.add_route("*", _METADATA_ROOT + "{path:.*}", self._metadata)
         app.router.add_post(
@@ -561,6 +563,13 @@ class FakeGoogle:
         include_email = request.query.get("include_email", "1") != "0"
         token = self.mint(audience, email if include_email else None, azp=request.query.get("azp"))
         return web.Response(text=token, content_type="text/plain")
+
+    async def _mint_access(self, request: web.Request) -> web.Response:
+        refused = await self._gate("mint")
+        if refused:
+            return refused
+        email = request.query.get("email", DEFAULT_USER_EMAIL)
+        return web.Response(text=self.issue_access_token(email, scopes=USER_SCOPES), content_type="text/plain")
 
     # -- metadata server -----------------------------------------------------
 
