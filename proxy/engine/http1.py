@@ -253,6 +253,10 @@ class Response:
         self.reason = reason or reason_phrase(status)
         if not self._conn.server.accepting:
             self.keep_alive = False
+        cycle = self._conn.cycle
+        if cycle is not None and cycle.body is not None and not cycle.body.complete:
+            # An answer before the whole request body came: the rest cannot be skipped safely.
+            self.keep_alive = False
         # An HTTP/1.0 client gets an HTTP/1.0 status line (as aiohttp's server answered it).
         lines = [f"HTTP/1.{1 if self._version >= (1, 1) else 0} {status} {self.reason}\r\n"]
         has_date = has_server = has_length = False
