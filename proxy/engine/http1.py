@@ -748,7 +748,10 @@ class HTTP1Protocol(asyncio.Protocol):
             if not self.pipeline:
                 self.resume_reading("pipeline")
             return
-        if not self.in_head:
+        if self.in_head:
+            # Part of the next head came while this request was served: its deadline runs now.
+            self._arm_head_deadline(started=True)
+        else:
             self._arm_keepalive()
 
     # -- refusals ------------------------------------------------------------------------

@@ -93,6 +93,8 @@ PIPE_HIGH_WATER = 64 * 1024
 #: upstream connections a second (bench/run.py c1000).
 _MAX_IDLE = 1024
 _IDLE_SECONDS = 30.0
+#: A pooled connection idle at most this long may carry a body that cannot be sent twice.
+_FRESH_SECONDS = 2.0
 #: Response head bounds, as aiohttp's client: one field, how many, and in all.
 MAX_FIELD_SIZE = 8190
 MAX_HEADERS = 128
@@ -668,9 +670,12 @@ class Pool:
         body's source raised (the client's body failed) while it was being sent.
         """
         idle = self._idle.get(origin)
-        # A request whose body streams cannot be sent twice: it gets a fresh connection.
-        resendable = not (body is not None and not isinstance(body, bytes))
-        while idle and resendable and not upgrade:
+        # A request whose body streams cannot be sent twice: it takes only a pooled
+        # connection that was in use a moment ago (an upstream rarely closes one that soon).
+        resendable = body is None or isinstance(body, bytes)
+        while idle and not upgrade:
+            if not resendable and idle[-1].loop.time() - idle[-1].idle_since > _FRESH_SECONDS:
+                break
             conn = idle.pop()
             if conn.closed or conn.loop.time() - conn.idle_since > _IDLE_SECONDS:
                 conn.close()
@@ -681,7 +686,7 @@ class Pool:
             except Disconnected as e:
                 # A pooled connection the upstream had closed: retry on a fresh one, as
                 # aiohttp's client does (the request was not received).
-                if e.received:
+                if e.received or not resendable:
                     raise
         async with asyncio.timeout_at(deadline):
             conn = await self._connect(origin)
@@ -703,6 +708,10 @@ class Pool:
             conn.close()
             return
         idle = self._idle.setdefault(origin, [])
+        now = conn.loop.time()
+        # The longest idle are first: those past their time go now, not only when reached.
+        while idle and (idle[0].closed or now - idle[0].idle_since > _IDLE_SECONDS):
+            idle.pop(0).close()
         if len(idle) >= _MAX_IDLE:
             conn.close()
             return

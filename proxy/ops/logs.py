@@ -434,6 +434,13 @@ def _direct_handler(logger: logging.Logger) -> tuple[LoopBatchingHandler, TextFo
     return handler, formatter
 
 
+def _logging_start_ns() -> float:
+    """When logging was loaded, as LogRecord.relativeCreated counts from it (public attributes only)."""
+    probe = logging.LogRecord("", logging.INFO, "", 0, "", None, None)
+    return probe.created * 1e9 - probe.relativeCreated * 1e6
+
+
+_LOGGING_START_NS = _logging_start_ns()
 #: (thread id, logger name) -> the constant attributes of an access record.
 _RECORD_TEMPLATES: dict[tuple[int, str], dict[str, Any]] = {}
 
@@ -459,5 +466,5 @@ def _access_record(name: str, message: str) -> logging.LogRecord:
     now = time.time_ns()
     d["msg"] = message
     d["created"], d["msecs"] = _now(now)
-    d["relativeCreated"] = (now - logging._startTime * 1e9) / 1e6  # type: ignore[attr-defined]
+    d["relativeCreated"] = (now - _LOGGING_START_NS) / 1e6
     return record
