@@ -1,13 +1,10 @@
 """Outbound HTTP proxies from the environment, resolved once per route at startup.
 
 Users behind a corporate proxy expect ``HTTPS_PROXY``/``HTTP_PROXY``/``NO_PROXY``
-to be honoured. aiohttp's ``trust_env=True`` does that per request, in an
-executor thread, and also reads ``~/.netrc`` for each request and adds its
-Basic credentials for the upstream host: that costs ~120 us per request, sends
-``.netrc`` passwords to the upstream in ``x-serverless-authorization`` mode,
-and fails outright in ``authorization`` mode (aiohttp refuses an Authorization
-header together with netrc auth). So the client session runs with
-``trust_env=False`` and each route gets its proxy (or none) from here, once.
+to be honoured. Reading them per request (as aiohttp's ``trust_env=True`` did,
+in an executor thread, together with ``~/.netrc``, whose Basic credentials it
+then sent to the upstream) costs ~120 us a request, so each route gets its
+proxy (or none) from here, once, and ``~/.netrc`` is never read.
 """
 
 from __future__ import annotations
@@ -16,23 +13,29 @@ import os
 from collections.abc import Mapping
 from dataclasses import dataclass
 from urllib import request as _urllib_request
+from urllib.parse import unquote, urlsplit
 
-import aiohttp
-from aiohttp import hdrs
-from yarl import URL
+from .engine.upstream import Via
 
 
 @dataclass(frozen=True)
 class UpstreamProxy:
     """The proxy a route's requests go through, and its credentials (from its URL only)."""
 
-    url: URL
+    #: The proxy URL without credentials.
+    url: str
     #: ``Proxy-Authorization`` when the proxy URL carries user:password, else empty.
     headers: Mapping[str, str]
+    host: str = ""
+    port: int = 0
 
     def describe(self) -> str:
-        """The proxy URL (credentials are kept apart, in ``auth``), for logs."""
-        return str(self.url)
+        """The proxy URL (credentials are kept apart, in ``headers``), for logs."""
+        return self.url
+
+    def via(self) -> Via:
+        """The proxy as the upstream transport takes it."""
+        return Via(self.host, self.port, self.headers.get("Proxy-Authorization"))
 
 
 def env_proxies(environ: Mapping[str, str] | None = None) -> dict[str, str]:
@@ -67,9 +70,14 @@ def proxy_for(scheme: str, host: str, port: int, environ: Mapping[str, str] | No
     if "://" not in raw:
         # curl and urllib accept "host:port" for an http proxy.
         raw = "http://" + raw
-    url = URL(raw)
-    headers = {str(hdrs.PROXY_AUTHORIZATION): aiohttp.encode_basic_auth(url.user, url.password or "")} if url.user else {}
-    return UpstreamProxy(url=url.with_user(None), headers=headers)
+    parts = urlsplit(raw)
+    host = parts.hostname or ""
+    port = parts.port or (443 if parts.scheme == "https" else 80)
+    headers = {"Proxy-Authorization": Via.basic(unquote(parts.username), unquote(parts.password or ""))} if parts.username else {}
+    netloc = f"[{host}]" if ":" in host else host
+    if parts.port:
+        netloc += f":{parts.port}"
+    return UpstreamProxy(url=f"{parts.scheme}://{netloc}", headers=headers, host=host, port=port)
 
 
 __all__ = ["UpstreamProxy", "env_proxies", "proxy_for"]

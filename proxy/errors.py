@@ -84,3 +84,17 @@ def redact(text: str) -> str:
     if "eyJ" not in text and "bearer" not in text.lower():
         return text
     return _BEARER.sub(r"\1[redacted]", _JWT.sub("[redacted-jwt]", text))
+
+
+class BodyTooLarge(ProxyError):
+    """The request body exceeds ``max_body_bytes``: answered 413, and the connection closed."""
+
+    status = 413
+
+
+def error_headers(exc: ProxyError) -> list[tuple[str, str]]:
+    """The headers of the proxy's own answer to ``exc`` (its body is ``redact(exc.body())``)."""
+    headers = [("Content-Type", "text/plain; charset=utf-8"), ("Cache-Control", "no-store")]
+    if isinstance(exc, TokenUnavailable):
+        headers.append(("Retry-After", str(exc.retry_after)))
+    return headers

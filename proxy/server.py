@@ -21,19 +21,16 @@ import os
 import signal
 from typing import Any
 
-from aiohttp import WSCloseCode, web
-
-from .accept import BatchAcceptSite
-from .app import STATE, make_admin_app
+from .app import App, make_admin_app
 from .config import Config, is_loopback_host
-from .limits import HardenedRunner
-from .ops.logs import ACCESS, OBSERVER, RequestObserver, access_logger_class
+from .engine.http1 import ServerState, Service
+from .engine.listen import Listener
 
 log = logging.getLogger(__name__)
 
 #: Exit status when a second signal cuts the graceful shutdown short.
 EXIT_FORCED = 1
-#: Listen backlog of the main listener. aiohttp's default of 128 overflows when
+#: Listen backlog of the main listener. A backlog of 128 (aiohttp's default) overflows when
 #: many clients connect at once (a load test, a test runner's browsers, a mesh
 #: reconnecting): the kernel drops the handshakes beyond it and each of those
 #: clients waits out a SYN retransmit (1 s, then 3 s, 7 s). The kernel caps the
@@ -77,84 +74,51 @@ class StartupError(Exception):
     """The proxy could not start (port in use, ...): exit 3 with this message."""
 
 
-def runner_kwargs(config: Config, observer: RequestObserver | None = None) -> dict[str, Any]:
-    """Server settings for the main listener (also used by the tests' servers).
-
-    ``observer`` receives one call per request from the access logger: pass the
-    app's ``OBSERVER`` (the metrics) to have requests counted.
-    """
-    return dict(
-        # A client that goes away cancels its handler, and so the upstream request.
-        handler_cancellation=True,
-        # aiohttp's keep-alive timer also bounds the wait for a request head.
-        keepalive_timeout=config.limits.keepalive_timeout,
-        # Bodies pass through as they are.
-        auto_decompress=False,
-        access_log_class=access_logger_class(config.log.include_query, observer),
-        access_log=ACCESS,
-        shutdown_timeout=config.shutdown_timeout,
-    )
-
-
-def make_runner(app: web.Application, config: Config) -> web.AppRunner:
-    if STATE in app and not app.frozen and close_websockets not in app.on_shutdown:
-        app.on_shutdown.append(close_websockets)
-    # HardenedRunner: head deadline, connection cap, no echo in 400 pages (limits.py).
-    return HardenedRunner(app, limits=config.limits, handle_signals=False, **runner_kwargs(config, app.get(OBSERVER)))
-
-
-async def close_websockets(app: web.Application) -> None:
-    """Send every open client websocket a 1001 (going away) close frame."""
-    state = app[STATE]
-    sockets = [ws for ws in list(state.websockets) if not ws.closed]
-    if not sockets:
-        return
-    log.info("closing %d websocket%s (1001 going away)", len(sockets), "s" * (len(sockets) != 1))
-    closes = [ws.close(code=WSCloseCode.GOING_AWAY, message=b"proxy shutting down") for ws in sockets]
-    # A peer that never answers the close frame must not hold up the shutdown.
-    try:
-        async with asyncio.timeout(max(0.1, state.config.shutdown_timeout)):
-            await asyncio.gather(*closes, return_exceptions=True)
-    except TimeoutError:
-        log.warning("websocket peers did not acknowledge the close in time")
+async def close_websockets(app: App) -> None:
+    """Send every open client websocket a 1001 (going away) close frame, and wait for them to end."""
+    await app.exchange.close_tunnels(app.state.config.shutdown_timeout)
 
 
 class ProxyServer:
     """The main listener and the optional admin listener of one application."""
 
-    def __init__(self, app: web.Application, config: Config, admin_app: web.Application | None = None) -> None:
+    def __init__(self, app: App, config: Config, admin_app: Service | None = None) -> None:
         self.app = app
         self.config = config
-        self.state = app[STATE]
+        self.state = app.state
         if admin_app is None and config.admin.port is not None:
             admin_app = make_admin_app(self.state)
         self.admin_app = admin_app
-        self.runner = make_runner(app, config)
-        self.admin_runner: web.AppRunner | None = None
+        #: The main listener's connections (engine/http1.py), and the admin's.
+        self.main: ServerState | None = None
+        self.admin: ServerState | None = None
+        self.listener: Listener | None = None
+        self.admin_listener: Listener | None = None
         self._started = False
         self._stopped = False
 
     @property
     def addresses(self) -> list[Any]:
         """(host, port, ...) of the main listener's sockets."""
-        return list(self.runner.addresses)
+        return self.listener.addresses if self.listener is not None else []
 
     @property
     def admin_addresses(self) -> list[Any]:
-        return list(self.admin_runner.addresses) if self.admin_runner is not None else []
+        return self.admin_listener.addresses if self.admin_listener is not None else []
 
     async def start(self) -> None:
         """Start the token lifecycle and both listeners; raise StartupError if one cannot bind."""
         config = self.config
-        # The app's startup resolves identities and starts fetching tokens (without waiting).
-        await self.runner.setup()
+        loop = asyncio.get_running_loop()
+        # Resolves identities and starts fetching tokens (without waiting).
+        await self.app.startup()
         self._started = True
-        # Accepts connections in batches: uvloop's own accept takes one per loop turn (accept.py).
-        site = BatchAcceptSite(self.runner, config.listen.host, config.listen.port, backlog=LISTEN_BACKLOG)
+        self.main = ServerState(self.app.exchange, config.limits, loop)
         try:
-            await site.start()
+            # Accepts connections in batches: uvloop's own accept takes one per loop turn (listen.py).
+            self.listener = Listener.open(self.main, config.listen.host, config.listen.port, backlog=LISTEN_BACKLOG)
         except OSError as e:
-            await self.runner.cleanup()
+            await self.app.cleanup()
             self._stopped = True
             raise StartupError(f"cannot listen on {config.listen.host}:{config.listen.port}: {e.strerror or e}") from None
         if not is_loopback_host(config.listen.host):
@@ -162,23 +126,22 @@ class ProxyServer:
                 "listening on %s, which is not loopback: anyone who can reach it acts with this proxy's Google identity",
                 config.listen.host,
             )
-        for addr in self.runner.addresses:
+        for addr in self.listener.addresses:
             log.info("listening on http://%s:%s", *addr[:2])
         # The admin listener starts after the main one, so readiness can never be 200
         # while the proxy itself does not listen yet.
         if self.admin_app is not None:
             host, port = config.admin.host, config.admin.port
-            self.admin_runner = HardenedRunner(self.admin_app, limits=config.limits, handle_signals=False, access_log=None, shutdown_timeout=1.0)
-            await self.admin_runner.setup()
+            assert port is not None
+            self.admin = ServerState(self.admin_app, config.limits, loop)
             try:
-                await web.TCPSite(self.admin_runner, host, port, reuse_address=True).start()
+                self.admin_listener = Listener.open(self.admin, host, port, backlog=128)
             except OSError as e:
-                await self.admin_runner.cleanup()
-                self.admin_runner = None
-                await self.runner.cleanup()
+                self.listener.close()
+                await self.app.cleanup()
                 self._stopped = True
                 raise StartupError(f"cannot listen on {host}:{port} (admin): {e.strerror or e}") from None
-            for addr in self.admin_runner.addresses:
+            for addr in self.admin_listener.addresses:
                 log.info("admin listening on http://%s:%s (health, readiness, metrics)", *addr[:2])
 
     def begin_shutdown(self) -> None:
@@ -197,19 +160,29 @@ class ProxyServer:
         if inflight:
             log.info("waiting up to %g s for %d in-flight request%s", self.config.shutdown_timeout, inflight, "s" * (inflight != 1))
         if self._started:
-            # aiohttp's runner cleanup does phases 2-4 in order: stop accepting (the listening
-            # socket closes) and close idle keep-alive connections; run on_shutdown (websockets
-            # get 1001); wait for in-flight handlers up to shutdown_timeout, then cancel them;
-            # finally the app's cleanup (upstream session, token refresh timers).
-            await self.runner.cleanup()
+            # Phase 2: stop accepting (the listening socket closes) and close idle keep-alive connections.
+            if self.listener is not None:
+                self.listener.close()
+            if self.main is not None:
+                self.main.stop_accepting()
+            # Phase 3: websockets get 1001 (going away).
+            await self.app.exchange.close_tunnels(self.config.shutdown_timeout)
+            # Phase 4: in-flight requests get up to shutdown_timeout, then are cancelled.
+            if self.main is not None:
+                await self.main.drain(self.config.shutdown_timeout)
+            # Then the upstream pool and the token refresh timers.
+            await self.app.cleanup()
         # Phase 5: the admin listener goes last, so probes see 503 (not a refused
         # connection) for as long as requests are draining.
-        if self.admin_runner is not None:
-            await self.admin_runner.cleanup()
+        if self.admin_listener is not None:
+            self.admin_listener.close()
+        if self.admin is not None:
+            self.admin.stop_accepting()
+            await self.admin.drain(1.0)
         log.info("stopped")
 
 
-async def serve(app: web.Application, config: Config) -> None:
+async def serve(app: App, config: Config) -> None:
     """Serve until SIGINT or SIGTERM, then shut down gracefully. A second signal exits at once."""
     server = ProxyServer(app, config)
     stop = asyncio.Event()

@@ -6,6 +6,7 @@ from __future__ import annotations
 # port and points GCE_METADATA_HOST at it (google-auth reads it at import time).
 import tests.fakes  # noqa: F401  isort: skip
 
+import dataclasses
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import dataclass
@@ -14,64 +15,49 @@ from typing import Any
 
 import pytest
 import yaml
-from aiohttp import web
-from aiohttp.test_utils import TestServer
 
-from proxy.app import STATE, ProxyState, make_app
-from proxy.config import Config, Limits, parse_config
-from proxy.limits import HardenedRunner
-from proxy.ops.logs import OBSERVER
-from proxy.server import runner_kwargs
+from proxy.app import App, ProxyState, make_app
+from proxy.config import Config, parse_config
+from proxy.server import ProxyServer
 
 pytest_plugins = ["tests.fakes.fixtures"]
 
 
 @dataclass
 class RunningProxy:
-    server: TestServer
+    server: ProxyServer
     config: Config
 
     @property
     def url(self) -> str:
-        return f"http://127.0.0.1:{self.server.port}"
+        return f"http://127.0.0.1:{self.port}"
 
     @property
     def port(self) -> int:
-        assert self.server.port is not None
-        return self.server.port
+        return int(self.server.addresses[0][1])
 
     @property
-    def app(self) -> web.Application:
+    def app(self) -> App:
         return self.server.app
 
     @property
     def state(self) -> ProxyState:
-        return self.server.app[STATE]
+        return self.server.app.state
 
 
 StartProxy = Callable[..., Awaitable[RunningProxy]]
-
-
-class ProxyTestServer(TestServer):
-    """TestServer with the production runner class (limits, safe 400 page; proxy/limits.py)."""
-
-    def __init__(self, app: web.Application, limits: Limits, **kwargs: Any) -> None:
-        super().__init__(app, **kwargs)
-        self.limits = limits
-
-    async def _make_runner(self, **kwargs: Any) -> HardenedRunner:
-        return HardenedRunner(self.app, limits=self.limits, **kwargs)
 
 
 @pytest.fixture
 async def start_proxy() -> AsyncIterator[StartProxy]:
     """Serve the proxy for a config (YAML text, dict or Config) on 127.0.0.1:<free port>.
 
-    The app is built by the real ``make_app`` and served with the production
-    server settings (``runner_kwargs``); ``ready=True`` waits until every route
-    has a token. Keyword arguments go to ``make_app`` (identities, tokens).
+    The app is built by the real ``make_app`` and served by the production
+    server (``ProxyServer``: the engine, its limits and shutdown phases) on a
+    free loopback port, without the admin listener; ``ready=True`` waits until
+    every route has a token. Keyword arguments go to ``make_app`` (identities, tokens).
     """
-    servers: list[TestServer] = []
+    servers: list[ProxyServer] = []
 
     async def start(config: str | dict[str, Any] | Config, *, ready: bool = True, **kwargs: Any) -> RunningProxy:
         if isinstance(config, str):
@@ -79,12 +65,13 @@ async def start_proxy() -> AsyncIterator[StartProxy]:
         if not isinstance(config, Config):
             config = parse_config(config)
         app = make_app(config, **kwargs)
-        settings = runner_kwargs(config, app.get(OBSERVER))
-        # start_server() sets handler_cancellation itself (and TestServer's own
-        # keyword arguments are not runner settings: they would be ignored).
-        settings.pop("handler_cancellation")
-        server = ProxyTestServer(app, config.limits, host="127.0.0.1", port=0)
-        await server.start_server(**settings)
+        served = dataclasses.replace(
+            config,
+            listen=dataclasses.replace(config.listen, host="127.0.0.1", port=0),
+            admin=dataclasses.replace(config.admin, port=None),
+        )
+        server = ProxyServer(app, served)
+        await server.start()
         servers.append(server)
         running = RunningProxy(server, config)
         if ready:
@@ -95,7 +82,7 @@ async def start_proxy() -> AsyncIterator[StartProxy]:
 
     yield start
     for server in reversed(servers):
-        await server.close()
+        await server.stop()
 
 
 @pytest.fixture

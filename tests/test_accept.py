@@ -1,6 +1,6 @@
 """The main listener accepts a burst of connections in batches, and serves them all.
 
-``proxy/accept.py`` owns the listening socket (uvloop would accept one
+``proxy/engine/listen.py`` owns the listening socket (uvloop would accept one
 connection per loop turn). These tests run the real ProxyServer on the loop the
 suite uses and a private service that verifies every token.
 """
@@ -12,7 +12,7 @@ import socket
 
 import pytest
 
-from proxy.accept import BatchAcceptSite
+from proxy.engine.listen import Listener
 from proxy.app import make_app
 from proxy.config import parse_config
 from proxy.server import ProxyServer, StartupError
@@ -41,18 +41,18 @@ async def test_a_burst_of_connections_is_accepted_in_batches_and_all_are_served(
     server = await _started(_config(str(sa_key[0]), private_service.url))
     try:
         port = server.addresses[0][1]
-        (site,) = server.runner.sites
-        assert isinstance(site, BatchAcceptSite)
+        site = server.listener
+        assert isinstance(site, Listener)
         # The kernel completes every handshake into the accept queue before the proxy looks.
         streams = await asyncio.gather(*(asyncio.open_connection("127.0.0.1", port) for _ in range(BURST)))
-        hardened = server.runner.server
+        hardened = server.main
         for _ in range(500):
             if hardened.open_connections == BURST:
                 break
             await asyncio.sleep(0.01)
         assert hardened.open_connections == BURST
         # More than one connection per readiness event: batches, not one per loop turn.
-        assert site._server.largest_batch > 1
+        assert site.largest_batch > 1
 
         async def exchange(i: int, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> bytes:
             writer.write(f"GET /n/{i} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n".encode())
@@ -91,7 +91,7 @@ async def test_a_port_in_use_is_a_startup_error(sa_key, private_service):
         server = ProxyServer(make_app(_config(str(sa_key[0]), private_service.url, port=port)), _config(str(sa_key[0]), private_service.url, port=port))
         with pytest.raises(StartupError, match=f"cannot listen on 127.0.0.1:{port}: .*address already in use"):
             await server.start()
-        assert not server.runner.sites
+        assert server.listener is None
     finally:
         taken.close()
 

@@ -13,12 +13,10 @@ import json
 import logging
 
 import pytest
-from aiohttp import web
-from aiohttp.test_utils import make_mocked_request
 
 import proxy.__main__  # noqa: F401 - its logger "idtoken_proxy" sits between the access logger and the root, as in the command line
 from proxy.ops import logs
-from proxy.ops.logs import ACCESS, ROUTE, UPSTREAM_SECONDS, HttpRequestFields, JsonFormatter, TextFormatter, access_logger_class, setup_logging
+from proxy.ops.logs import ACCESS, AccessLog, HttpRequestFields, JsonFormatter, TextFormatter, setup_logging
 
 
 @pytest.fixture
@@ -52,10 +50,8 @@ def _log_one(dispatched: list[int], monkeypatch, agent: str = "curl/8") -> None:
         handle(record)
 
     monkeypatch.setattr(ACCESS, "handle", counted)
-    request = make_mocked_request("GET", "/svc/a?secret=1", headers={"Host": "localhost", "User-Agent": agent})
-    request[ROUTE] = "svc"
-    request[UPSTREAM_SECONDS] = 0.0042
-    access_logger_class(include_query=False)(ACCESS, "").log(request, web.Response(body=b"x" * 100), 0.0123)
+    # A request for /svc/a?secret=1 on route svc: 100 bytes out, 12.3 ms, 4.2 ms upstream.
+    AccessLog(include_query=False).log("GET", "/svc/a?secret=1", 200, 0, 100, 0.0123, "svc", 0.0042, "127.0.0.1", (1, 1), agent)
     for h in logging.getLogger().handlers:
         h.flush()
 

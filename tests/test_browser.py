@@ -18,6 +18,7 @@ reason; with CI=true they fail instead.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import re
@@ -29,11 +30,10 @@ from typing import Any
 import pytest
 import pytest_asyncio
 from aiohttp import web
-from aiohttp.test_utils import TestServer
 
 from proxy.app import STATE, make_app
 from proxy.config import parse_config
-from proxy.server import runner_kwargs
+from proxy.server import ProxyServer
 from tests.fakes import BackgroundServer, PrivateService
 
 pytestmark = [pytest.mark.browser, pytest.mark.asyncio(loop_scope="module")]
@@ -90,13 +90,12 @@ BLANK = "<!doctype html><html><head><title>other origin</title></head><body>anot
 @dataclass
 class Stack:
     service: PrivateService
-    proxy: TestServer
+    proxy: ProxyServer
     other: BackgroundServer
 
     @property
     def port(self) -> int:
-        assert self.proxy.port is not None
-        return self.proxy.port
+        return int(self.proxy.addresses[0][1])
 
     @property
     def app_origin(self) -> str:
@@ -137,16 +136,15 @@ async def stack(fake_google: Any, tmp_path_factory: pytest.TempPathFactory) -> A
             env={},
         )
         app = make_app(config)
-        server = TestServer(app, host="127.0.0.1", port=0)
-        # The production server settings (TestServer sets handler_cancellation itself).
-        settings = runner_kwargs(config)
-        settings.pop("handler_cancellation")
-        await server.start_server(**settings)
+        # The production server, on a free loopback port.
+        served = dataclasses.replace(config, listen=dataclasses.replace(config.listen, host="127.0.0.1", port=0))
+        server = ProxyServer(app, served)
+        await server.start()
         try:
             assert await app[STATE].tokens.wait_ready(15)
             yield Stack(service, server, other)
         finally:
-            await server.close()
+            await server.stop()
 
 
 def guard_refusals(caplog: pytest.LogCaptureFixture) -> list[str]:

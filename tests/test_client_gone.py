@@ -1,8 +1,7 @@
 """A client that goes away before its response is complete still gets its access line.
 
-aiohttp writes no access line for a handler it cancels because the client's
-connection was lost, so such requests vanished from the log and the metrics.
-As nginx logs them: 499 with no bytes if the client left before the response's
+A handler cancelled because the client's connection was lost must not vanish
+from the log and the metrics. As nginx logs them: 499 with no bytes if the client left before the response's
 head went out; the real status with the bytes sent so far if it left mid-body;
 exactly one line either way, ending in "(client gone)". A response that was
 completely written keeps its normal line.
@@ -25,14 +24,13 @@ from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 import pytest
-from aiohttp import web
 from prometheus_client.parser import text_string_to_metric_families
 
-from proxy.app import STATE, make_app
+from proxy.app import make_app
 from proxy.config import parse_config
-from proxy.limits import HardenedRunner, HardenedServer
-from proxy.ops.logs import OBSERVER, JsonFormatter, TextFormatter
-from proxy.server import runner_kwargs
+from proxy.engine.http1 import ServerState
+from proxy.engine.listen import Listener
+from proxy.ops.logs import JsonFormatter, TextFormatter
 from tests.rawhttp import RawConnection, exchange, request
 
 ROUTE = "svc"
@@ -72,7 +70,7 @@ async def leave(conn: RawConnection, reset: bool) -> None:
     await conn.close()
 
 
-async def settled(caplog: pytest.LogCaptureFixture, server: HardenedServer, inflight: Callable[[], int]) -> list[logging.LogRecord]:
+async def settled(caplog: pytest.LogCaptureFixture, server: ServerState, inflight: Callable[[], int]) -> list[logging.LogRecord]:
     """The access records once the proxied request has its line and its connection is gone.
 
     After that nothing is left that could write a second line for it.
@@ -113,9 +111,9 @@ def json_line(record: logging.LogRecord) -> dict[str, Any]:
     return json.loads(JsonFormatter().format(record))
 
 
-def server_of(proxy: Any) -> HardenedServer:
-    server = proxy.server.runner.server
-    assert isinstance(server, HardenedServer)
+def server_of(proxy: Any) -> ServerState:
+    server = proxy.server.main
+    assert isinstance(server, ServerState)
     return server
 
 
@@ -280,8 +278,8 @@ async def test_a_complete_response_keeps_its_normal_line_when_the_client_then_le
 
 
 @pytest.fixture
-async def uncancelled_proxy(sa_key, private_service) -> AsyncIterator[tuple[int, HardenedServer, Any]]:
-    """The proxy served with aiohttp's default handler_cancellation=False (an embedding program's runner).
+async def uncancelled_proxy(sa_key, private_service) -> AsyncIterator[tuple[int, ServerState, Any]]:
+    """The proxy served by a listener that does not cancel handlers on a lost connection.
 
     A lost connection then cancels nothing: the handler learns of it when a
     write finds the connection closed (ConnectionResetError), the other way the
@@ -289,21 +287,19 @@ async def uncancelled_proxy(sa_key, private_service) -> AsyncIterator[tuple[int,
     """
     cfg = parse_config(config(sa_key[0], private_service.url))
     app = make_app(cfg)
-    settings = runner_kwargs(cfg, app[OBSERVER])
-    settings["handler_cancellation"] = False
-    runner = HardenedRunner(app, limits=cfg.limits, **settings)
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
+    await app.startup()
+    server = ServerState(app.exchange, cfg.limits, asyncio.get_running_loop(), cancel_on_disconnect=False)
+    listener = Listener.open(server, "127.0.0.1", 0, backlog=128)
     try:
-        port = runner.addresses[0][1]
-        state = app[STATE]
+        port = listener.addresses[0][1]
+        state = app.state
         assert await state.tokens.wait_ready(15)
-        server = runner.server
-        assert isinstance(server, HardenedServer)
         yield port, server, state
     finally:
-        await runner.cleanup()
+        listener.close()
+        server.stop_accepting()
+        await server.drain(1.0)
+        await app.cleanup()
 
 
 async def test_a_head_written_to_a_closed_connection_is_logged_499(uncancelled_proxy, private_service, caplog):

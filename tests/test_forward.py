@@ -230,10 +230,10 @@ async def test_a_stalled_client_pauses_the_upstream_and_gets_every_byte(start_pr
     # A GET body with a Content-Length is piped from the upstream connection to the
     # client's; while the client reads nothing, reading from the upstream must pause
     # (the pipe waits for the client's transport to drain) and then resume intact.
-    from proxy.upstream import _Connection
+    from proxy.engine.upstream import UpstreamConnection
 
     paused = []
-    pipe = _Connection.pipe
+    pipe = UpstreamConnection.pipe
 
     async def observed(self, sink, drain):
         pause_reading = self.transport.pause_reading
@@ -246,7 +246,7 @@ async def test_a_stalled_client_pauses_the_upstream_and_gets_every_byte(start_pr
         return await pipe(self, sink, drain)
 
     # Only to see that reading paused once the body was being piped: the pipe runs unchanged.
-    monkeypatch.setattr(_Connection, "pipe", observed)
+    monkeypatch.setattr(UpstreamConnection, "pipe", observed)
     proxy = await start_proxy(sa_config(sa_key[0], {"upstream": private_service.url}))
     size = 16 * MiB
     loop = asyncio.get_running_loop()

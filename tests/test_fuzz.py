@@ -30,7 +30,7 @@ from hypothesis import strategies as st
 
 from proxy.app import make_app
 from proxy.config import parse_config
-from proxy.server import make_runner
+from proxy.server import ProxyServer
 
 
 BUDGET = float(os.environ.get("FUZZ_SECONDS", "45"))
@@ -152,7 +152,7 @@ class EvilListener:
 
 
 class ThreadedProxy:
-    """The real app with the production runner, on its own loop in a thread."""
+    """The real app with the production server, on its own loop in a thread."""
 
     def __init__(self, config: dict) -> None:
         self.config = parse_config(config)
@@ -168,20 +168,17 @@ class ThreadedProxy:
         return self
 
     async def _start(self) -> None:
-        from aiohttp import web
+        import dataclasses
 
         self.app = make_app(self.config)
-        self.runner = make_runner(self.app, self.config)
-        await self.runner.setup()
-        site = web.TCPSite(self.runner, "127.0.0.1", 0)
-        await site.start()
-        self.port = self.runner.addresses[0][1]
-        from proxy.app import STATE
-
-        assert await self.app[STATE].tokens.wait_ready(15)
+        served = dataclasses.replace(self.config, listen=dataclasses.replace(self.config.listen, host="127.0.0.1", port=0))
+        self.server = ProxyServer(self.app, served)
+        await self.server.start()
+        self.port = self.server.addresses[0][1]
+        assert await self.app.state.tokens.wait_ready(15)
 
     def stop(self) -> None:
-        asyncio.run_coroutine_threadsafe(self.runner.cleanup(), self.loop).result(30)
+        asyncio.run_coroutine_threadsafe(self.server.stop(), self.loop).result(30)
         self.loop.call_soon_threadsafe(self.loop.stop)
         self._thread.join(10)
         self.loop.close()

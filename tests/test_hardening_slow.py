@@ -1,8 +1,8 @@
 """Slow and hostile clients: head deadline, idle keep-alive, connection cap, disconnects.
 
 No assertion here is about how long something took: each test sets limits that
-only one mechanism can explain (a 408 carries the proxy's reason; aiohttp's own
-keep-alive close is silent) and waits generously for the outcome.
+only one mechanism can explain (a 408 carries the proxy's reason; the keep-alive
+close is silent) and waits generously for the outcome.
 """
 
 from __future__ import annotations
@@ -12,8 +12,7 @@ import logging
 
 import pytest
 
-from proxy.limits import HardenedRequestHandler, HardenedServer
-from proxy.server import make_runner
+from proxy.engine.http1 import ServerState
 from tests.rawhttp import ConnectionClosed, Listener, RawConnection, request
 
 
@@ -21,9 +20,9 @@ def sa_config(key_path, *routes, **top):
     return {"credentials": {"source": "service_account", "key_file": str(key_path)}, "routes": list(routes), **top}
 
 
-def server_of(proxy) -> HardenedServer:
-    server = proxy.server.runner.server
-    assert isinstance(server, HardenedServer)
+def server_of(proxy) -> ServerState:
+    server = proxy.server.main
+    assert isinstance(server, ServerState)
     return server
 
 
@@ -155,25 +154,30 @@ async def test_a_head_split_across_packets_within_the_deadline_is_served(start_p
     assert private_service.last.raw_path == "/split"
 
 
-async def test_production_runner_uses_the_hardened_server(sa_key, private_service):
-    """server.make_runner (what the CLI runs) carries the limits, not only the tests' server."""
+async def test_production_server_carries_the_limits(sa_key, private_service):
+    """server.ProxyServer (what the CLI runs) serves with the config's limits, not only the tests' fixture."""
     from proxy.app import make_app
     from proxy.config import parse_config
+    from proxy.server import ProxyServer
 
-    config = parse_config(sa_config(sa_key[0], {"upstream": private_service.url}, limits={"header_timeout": 3, "keepalive_timeout": 7}))
-    runner = make_runner(make_app(config), config)
-    await runner.setup()
+    config = parse_config(
+        sa_config(sa_key[0], {"upstream": private_service.url}, listen={"port": 0}, limits={"header_timeout": 3, "keepalive_timeout": 7})
+    )
+    server = ProxyServer(make_app(config), config)
+    await server.start()
     try:
-        server = runner.server
-        assert isinstance(server, HardenedServer)
-        assert server.limits.header_timeout == 3
-        handler = server()
-        assert isinstance(handler, HardenedRequestHandler)
-        # The runner's settings survive the rebuild of aiohttp's server.
-        assert handler.keepalive_timeout == 7
-        assert server.handler_cancellation is True
+        assert isinstance(server.main, ServerState)
+        assert server.main.limits.header_timeout == 3
+        assert server.main.limits.keepalive_timeout == 7
+        # And a request is served through it.
+        conn = await RawConnection.open(server.addresses[0][1])
+        try:
+            await conn.send(request("GET", "/limits"))
+            assert (await conn.response()).status == 200
+        finally:
+            await conn.close()
     finally:
-        await runner.cleanup()
+        await server.stop()
 
 
 # --------------------------------------------------------------------------- connection cap
@@ -330,7 +334,7 @@ async def test_the_admin_listener_has_the_same_limits_and_400_page(sa_key, priva
     await server.start()
     try:
         admin_port = server.admin_addresses[0][1]
-        assert isinstance(server.admin_runner.server, HardenedServer)
+        assert isinstance(server.admin, ServerState) and server.admin.limits == config.limits
         secret = b"Basic c2VjcmV0LWFkbWluLXZhbHVl"
         reply, closed = await exchange(admin_port, b"GET /.proxy/healthz HTTP/1.1\r\nHost: localhost\r\nAuthorization: " + secret + b"\x01\r\n\r\n")
         assert reply.status == 400 and closed

@@ -12,7 +12,7 @@ from proxy.errors import BadRequest, NoRoute
 from proxy.policy.headers import downstream_response_headers, rewrite_location, upstream_request_headers
 from proxy.policy.router import Router, compile_route, split_target
 from proxy.auth.tokens import TokenKey
-from proxy.upstream import _Connection
+from proxy.engine.upstream import UpstreamConnection
 
 
 def up(headers, mode="authorization"):
@@ -231,7 +231,7 @@ def test_upstream_url_keeps_the_configured_host_and_raw_bytes(upstream, rest, qu
 )
 async def test_lean_response_headers_match_the_session_paths_rule(raw):
     # The lean path filters while decoding; the session path decodes, then filters.
-    conn = _Connection(asyncio.get_running_loop())
+    conn = UpstreamConnection(asyncio.get_running_loop())
     for name, value in raw:
         conn.on_header(name, value)  # as the parser hands them over
     # As aiohttp's client decodes a response head (utf-8, surrogateescape), then the rule.

@@ -1,4 +1,4 @@
-"""The lean upstream path (proxy/upstream.py) on the wire.
+"""The upstream transport (proxy/engine/upstream.py) on the wire.
 
 GET and HEAD without a body go through a keep-alive pool of asyncio Protocols
 with httptools parsing the response; these tests pin what that path must do
@@ -85,7 +85,10 @@ async def test_keep_alive_connection_is_reused_and_the_lean_path_is_taken(start_
         first = up.heads[0].decode()
         assert first.startswith("GET /x?y=1 HTTP/1.1\r\n")
         assert "\r\nAuthorization: Bearer ey" in first or "\r\nauthorization: Bearer ey" in first
-        assert proxy.state.forwarder.lean is not None
+        # Every request goes through the one keep-alive pool.
+        from proxy.engine.upstream import Pool
+
+        assert isinstance(proxy.state.forwarder.pool, Pool)
     finally:
         await up.stop()
 
@@ -248,29 +251,18 @@ async def test_an_oversized_response_head_is_a_502(start_proxy, sa_key, extra):
 
 
 async def test_a_body_that_came_with_its_head_leaves_in_one_write_and_a_late_one_does_not_wait(start_proxy, sa_key, monkeypatch):
-    from aiohttp.http_writer import StreamWriter
-    from aiohttp.web_protocol import RequestHandler
+    from proxy.engine.http1 import HTTP1Protocol
 
-    # Counts what aiohttp's response writer hands to the client's transport. Observation
-    # only (the calls go through unchanged); aiohttp has no public hook for it.
+    # Counts what the proxy's server protocol hands to the client's transport (every
+    # response byte goes through write_raw). Observation only: the calls go through unchanged.
     writes: list[bytes] = []
-    original_write, original_writelines = StreamWriter._write, StreamWriter._writelines
+    original_write = HTTP1Protocol.write_raw
 
-    def serving(writer):  # the server side's writers, not the test client's
-        return isinstance(writer._protocol, RequestHandler)
+    def write(self, data):
+        writes.append(bytes(data))
+        return original_write(self, data)
 
-    def write(self, chunk):
-        if serving(self):
-            writes.append(bytes(chunk))
-        return original_write(self, chunk)
-
-    def writelines(self, chunks):
-        if serving(self):
-            writes.append(b"".join(chunks))
-        return original_writelines(self, chunks)
-
-    monkeypatch.setattr(StreamWriter, "_write", write)
-    monkeypatch.setattr(StreamWriter, "_writelines", writelines)
+    monkeypatch.setattr(HTTP1Protocol, "write_raw", write)
     release = asyncio.Event()
 
     async def serve(reader, writer, n):

@@ -1,9 +1,9 @@
-"""Complete upstream responses relayed as bytes (forward.py ``_PlainResponse``).
+"""Complete upstream responses relayed as bytes (exchange.py, ``Response.send_raw``).
 
-Where a response came whole and needs nothing changed, the lean path sends the
-upstream's head as it came (less hop-by-hop headers) instead of decoding it and
-letting aiohttp serialise it again. These tests send each response both ways,
-with ``Forwarder.plain_responses`` on and off, and compare the bytes the client
+Where a response came whole and needs nothing changed, the request path sends
+the upstream's head as it came (less hop-by-hop headers) instead of decoding it
+and serialising it again. These tests send each response both ways, with
+``Exchange.plain_responses`` on and off, and compare the bytes the client
 reads: equal for every case, and the bytes path taken exactly where the case
 says it may be.
 """
@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from proxy.forward import _PlainResponse
+from proxy.engine.http1 import Response
 from tests.test_perf_upstream import Upstream
 
 DATE = b"Date: Thu, 01 Jan 2026 00:00:00 GMT\r\n"
@@ -106,14 +106,13 @@ def _config(key: Path, upstream: str, **extra: object) -> dict[str, object]:
 def plain_taken(monkeypatch: pytest.MonkeyPatch) -> list[int]:
     """How many responses took the bytes path (the calls pass through unchanged)."""
     taken: list[int] = []
-    original = _PlainResponse.prepare
+    original = Response.send_raw
 
-    async def prepare(self: _PlainResponse, request: object) -> object:
-        if not self.prepared:  # aiohttp calls it again after the handler: a no-op then
-            taken.append(1)
-        return await original(self, request)  # type: ignore[arg-type]
+    def send_raw(self: Response, *args: object) -> None:
+        taken.append(1)
+        return original(self, *args)  # type: ignore[arg-type]
 
-    monkeypatch.setattr(_PlainResponse, "prepare", prepare)
+    monkeypatch.setattr(Response, "send_raw", send_raw)
     return taken
 
 

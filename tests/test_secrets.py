@@ -20,7 +20,7 @@ import pytest
 from multidict import CIMultiDict, CIMultiDictProxy
 from yarl import URL
 
-from proxy import forward
+from proxy import exchange as request_path
 from proxy.errors import redact
 from tests.rawhttp import Listener, exchange, request
 from tests.test_forward import free_port
@@ -147,9 +147,9 @@ def test_client_response_error_is_formatted_without_its_request_headers():
     headers = CIMultiDictProxy(CIMultiDict({"Authorization": f"Bearer {token}"}))
     info = aiohttp.RequestInfo(URL("http://upstream/x"), "GET", headers, URL("http://upstream/x"))
     error = aiohttp.ClientResponseError(info, (), status=400, message="Bad Request")
-    # aiohttp's repr() lists the request headers: the proxy never uses it.
+    # aiohttp's repr() lists the request headers: the proxy's wording of a failure never uses it.
     assert token in repr(error)
-    assert token not in forward._client_error(error)
+    assert token not in request_path._describe(error)
     assert token not in str(error)
     # Anything else token-shaped is scrubbed from the one line that is kept.
     assert "[redacted" in redact(f"failed: Bearer {token}")
@@ -231,7 +231,7 @@ async def test_cli_at_debug_under_hostile_traffic_prints_no_secret(google, sa_ke
         await proxy.stop()
         await garbage.stop()
     stderr = proxy.stderr
-    assert " DEBUG proxy.limits: refused a request from 127.0.0.1: 400 malformed request" in stderr, "debug logging was not on"
+    assert " DEBUG proxy.engine.http1: refused a request from 127.0.0.1: 400 malformed request" in stderr, "debug logging was not on"
     # The proxy's token reached the upstream, so its absence from the log means something.
     assert private_service.requests[0].claims is not None
     issued = google.issued[start:]

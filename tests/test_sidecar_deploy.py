@@ -8,6 +8,7 @@ paths are then asked of a real admin application.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import tomllib
 from pathlib import Path
@@ -16,11 +17,13 @@ from urllib.parse import urlsplit
 
 import pytest
 import yaml
-from aiohttp.test_utils import TestClient, TestServer
+import aiohttp
 
 from proxy.__main__ import ENV_PREFIX, _env_default, build_config, serve_parser
 from proxy.app import STATE, make_admin_app, make_app
 from proxy.config import Config, is_loopback_host
+from proxy.engine.http1 import ServerState
+from proxy.engine.listen import Listener
 from proxy.ops.health import HEALTHZ_PATH, READYZ_PATH
 from proxy.auth.identity import StaticIdentity
 from proxy.ops.metrics import METRICS_PATH
@@ -75,12 +78,21 @@ async def _probe_statuses(config: Config, paths: list[str], monkeypatch: pytest.
     monkeypatch.setenv("SIDECAR_TEST_TOKEN", mint_jwt())
     ident = StaticIdentity(token_env="SIDECAR_TEST_TOKEN")
     app = make_app(config, identities={r.credentials: ident for r in config.routes})
-    async with TestClient(TestServer(make_admin_app(app[STATE]))) as client:
+    # The admin listener's own service, on a free loopback port, asked by a real client.
+    server = ServerState(make_admin_app(app[STATE]), config.limits, asyncio.get_running_loop())
+    listener = Listener.open(server, "127.0.0.1", 0, backlog=16)
+    try:
+        base = f"http://127.0.0.1:{listener.addresses[0][1]}"
         out = {}
-        for path in paths:
-            resp = await client.get(path)
-            out[path] = resp.status
+        async with aiohttp.ClientSession() as client:
+            for path in paths:
+                async with client.get(base + path) as resp:
+                    out[path] = resp.status
         return out
+    finally:
+        listener.close()
+        server.stop_accepting()
+        await server.drain(1.0)
 
 
 def _probe_port(probe: dict[str, Any], container: dict[str, Any]) -> int:

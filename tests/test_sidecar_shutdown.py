@@ -106,39 +106,45 @@ async def test_drain_deadline_cancels_the_rest_and_still_exits_0(tmp_path: Path)
 
 
 async def test_shutdown_closes_websockets_with_1001(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    # The websocket contract of ProxyState: a handler adds its client socket to
+    # The websocket contract of ProxyState: an open websocket through the proxy is in
     # state.websockets, and shutdown closes each with 1001 (going away).
     monkeypatch.setenv("SIDECAR_TEST_TOKEN", mint_jwt())
-    config = parse_config(
-        {
-            "credentials": {"source": "static", "token_env": "SIDECAR_TEST_TOKEN"},
-            "listen": {"port": 0},
-            "admin": {"port": 0},
-            "routes": [{"name": "up", "upstream": "http://127.0.0.1:9"}],
-        }
-    )
-    ident = StaticIdentity(token_env="SIDECAR_TEST_TOKEN")
-    app = make_app(config, identities={config.routes[0].credentials: ident})
-    state = app[STATE]
     opened = asyncio.Event()
 
     async def ws_handler(request: web.Request) -> web.WebSocketResponse:
         ws = web.WebSocketResponse()
         await ws.prepare(request)
-        state.websockets.add(ws)
         opened.set()
         async for _ in ws:
             pass
         return ws
 
-    app.router.add_get("/.proxy/ws-test", ws_handler)
+    upstream_app = web.Application()
+    upstream_app.router.add_get("/ws-test", ws_handler)
+    runner = web.AppRunner(upstream_app)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    upstream_port = runner.addresses[0][1]
+    config = parse_config(
+        {
+            "credentials": {"source": "static", "token_env": "SIDECAR_TEST_TOKEN"},
+            "listen": {"port": 0},
+            "admin": {"port": 0},
+            "routes": [{"name": "up", "upstream": f"http://127.0.0.1:{upstream_port}"}],
+        }
+    )
+    ident = StaticIdentity(token_env="SIDECAR_TEST_TOKEN")
+    app = make_app(config, identities={config.routes[0].credentials: ident})
+    state = app[STATE]
     server = ProxyServer(app, config)
     await server.start()
     try:
         port = server.addresses[0][1]
         async with aiohttp.ClientSession() as session:
-            async with session.ws_connect(f"http://127.0.0.1:{port}/.proxy/ws-test") as ws:
+            async with session.ws_connect(f"http://127.0.0.1:{port}/ws-test") as ws:
                 await asyncio.wait_for(opened.wait(), 30)
+                assert len(state.websockets) == 1
                 stopping = asyncio.ensure_future(server.stop())
                 msg = await asyncio.wait_for(ws.receive(), 30)
                 assert msg.type == WSMsgType.CLOSE
@@ -147,6 +153,7 @@ async def test_shutdown_closes_websockets_with_1001(tmp_path: Path, monkeypatch:
                 await asyncio.wait_for(stopping, 30)
     finally:
         await server.stop()
+        await runner.cleanup()
     assert state.readiness is not None and state.readiness.shutting_down
 
 

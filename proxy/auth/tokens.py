@@ -140,7 +140,7 @@ class TokenCache:
         task = self._start(key, entry)
         try:
             m = await asyncio.wait_for(asyncio.shield(task), self._wait)
-        except asyncio.TimeoutError:
+        except TimeoutError:
             raise TokenUnavailable(
                 f"timed out after {self._wait:g} s waiting for an ID token from {entry.identity.describe()}",
                 entry.last_hint or "is the token endpoint or metadata server reachable?",
@@ -175,7 +175,7 @@ class TokenCache:
         try:
             try:
                 m = await asyncio.wait_for(ident.fetch(entry.audience), FETCH_TIMEOUT)
-            except asyncio.TimeoutError:
+            except TimeoutError:
                 raise _Failure(f"{ident.describe()} did not answer within {FETCH_TIMEOUT:g} s", ident.hint_for(TimeoutError("timed out"))) from None
             except CredentialError as e:
                 raise _Failure(redact(str(e).splitlines()[0]), e.hint) from None
@@ -335,7 +335,7 @@ class TokenCache:
         return self.ready()
 
     def ready(self) -> bool:
-        return all(self.peek(k) is not None for k in self._entries.keys())
+        return all(self.peek(k) is not None for k in self._entries)
 
     async def close(self) -> None:
         self._closed = True

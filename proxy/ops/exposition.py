@@ -89,7 +89,7 @@ class _RequestCollector(Collector):
                 requests.add_metric(labels, count.value, created=count.created if created else None)
             for route, c in m.by_route.items():
                 cumulative, total = [], 0
-                for le, n in zip(_LE, c.buckets):
+                for le, n in zip(_LE, c.buckets, strict=True):
                     total += n
                     cumulative.append((le, float(total)))
                 latency.add_metric((route,), cumulative, c.latency_sum)

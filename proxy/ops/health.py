@@ -12,7 +12,7 @@ Kubernetes init container or a Cloud Run dependency, hold the app's start).
 
 from __future__ import annotations
 
-from aiohttp import web
+from collections.abc import Callable
 
 from ..auth.tokens import TokenCache, TokenKey
 
@@ -53,19 +53,21 @@ class Readiness:
         return not self.problems()
 
 
-async def healthz(request: web.Request) -> web.Response:
+Page = tuple[int, list[tuple[str, str]], bytes]
+
+
+def healthz() -> Page:
     """Liveness: the event loop answers."""
-    return web.Response(text="ok\n", headers=_HEADERS)
+    return 200, list(_HEADERS.items()), b"ok\n"
 
 
-def add_routes(app: web.Application, readiness: Readiness) -> None:
-    """Serve ``/.proxy/healthz`` and ``/.proxy/readyz`` on ``app`` (GET and HEAD)."""
+def pages(readiness: Readiness) -> dict[str, Callable[[], Page]]:
+    """``/.proxy/healthz`` and ``/.proxy/readyz`` (GET and HEAD)."""
 
-    async def readyz(request: web.Request) -> web.Response:
+    def readyz() -> Page:
         problems = readiness.problems()
         if problems:
-            return web.Response(status=503, text="not ready: " + "; ".join(problems) + "\n", headers=_HEADERS)
-        return web.Response(text="ready\n", headers=_HEADERS)
+            return 503, list(_HEADERS.items()), ("not ready: " + "; ".join(problems) + "\n").encode()
+        return 200, list(_HEADERS.items()), b"ready\n"
 
-    app.router.add_get(HEALTHZ_PATH, healthz)
-    app.router.add_get(READYZ_PATH, readyz)
+    return {HEALTHZ_PATH: healthz, READYZ_PATH: readyz}

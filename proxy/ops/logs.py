@@ -20,22 +20,15 @@ import threading
 import time
 from typing import Any, Protocol
 
-from aiohttp import hdrs, web
-from aiohttp.abc import AbstractAccessLogger, AbstractStreamWriter
-
 from ..errors import redact
 
 ACCESS = logging.getLogger("idtoken_proxy.access")
 
-#: Request keys the proxy handler fills in for the access log and the metrics.
-#: Set by the handler: the route name and the seconds to the upstream's response headers.
-ROUTE = web.RequestKey("route", str)
-UPSTREAM_SECONDS = web.RequestKey("upstream_seconds", float)
 #: The proxy's own pages (health, metrics, status) are not proxied requests.
 _OWN_PAGES = "/.proxy/"
 
 #: google-auth and urllib3 log assertions and token responses at DEBUG.
-_NOISY = ("google.auth", "google.oauth2", "urllib3", "requests", "aiohttp.client")
+_NOISY = ("google.auth", "google.oauth2", "urllib3", "requests", "aiohttp.client", "hpack", "h2")
 #: google-auth's loggers: request logs carry the signed assertion and the
 #: Authorization header (as ``extra`` fields a structured formatter would print).
 #: hpack and h2 log every header they encode or decode at DEBUG, the token among them.
@@ -58,9 +51,6 @@ class RequestObserver(Protocol):
         self, route: str, method: str, status: int, bytes_in: int, bytes_out: int, upstream_seconds: float | None
     ) -> None: ...
 
-
-#: Set on the main application by the app factory; the server hands it to the access logger.
-OBSERVER = web.AppKey("observer", RequestObserver)
 
 
 #: Set on access records, whose message is built already redacted (AccessLogger.log).
@@ -135,7 +125,7 @@ def _rfc3339(created: float, _cache: dict[int, str] = {}) -> str:  # noqa: B006 
     head = _cache.get(second)
     if head is None:
         _cache.clear()
-        head = _cache[second] = datetime.datetime.fromtimestamp(second, datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%S")
+        head = _cache[second] = datetime.datetime.fromtimestamp(second, datetime.UTC).strftime("%Y-%m-%dT%H:%M:%S")
     return f"{head}.{int((created - second) * 1000):03d}Z"
 
 
@@ -278,30 +268,39 @@ def _duration(seconds: float) -> str:
     return f"{seconds:.6f}s"
 
 
-class AccessLogger(AbstractAccessLogger):
+class AccessLog:
     """One line per request: route, method, path, status, bytes, duration, upstream latency.
 
-    aiohttp calls it once a response has been sent, with its final size (also for
-    requests it refused itself, such as a malformed request line); the same call
-    feeds the request metrics (``observer``), so they cost no extra work on the
-    request path. A request whose client went away before its response was
-    complete gets its line from ``log_client_gone`` instead (see ``client_gone``).
+    The request path calls it once a response has been sent, with its final
+    size (also for requests the engine refused itself, such as a malformed
+    request line); the same call feeds the request metrics (``observer``), so
+    they cost no extra work on the request path. A request whose client went
+    away before its response was complete ends its line with ``(client gone)``:
+    logged 499 with no bytes if the client was sent nothing, as nginx does, else
+    with its status and the bytes written so far.
     """
 
-    include_query = False
-    observer: RequestObserver | None = None
-    #: Appended to the line's message (log_client_gone sets it for its one call).
-    note = ""
+    def __init__(self, include_query: bool = False, observer: RequestObserver | None = None, logger: logging.Logger = ACCESS) -> None:
+        self.include_query = include_query
+        self.observer = observer
+        self.logger = logger
 
-    def log(self, request: web.BaseRequest, response: web.StreamResponse, time: float) -> None:
-        raw_path = request.raw_path
+    def log(
+        self,
+        method: str,
+        raw_path: str,
+        status: int,
+        bytes_in: int,
+        bytes_out: int,
+        seconds: float,
+        route: str = "-",
+        upstream: float | None = None,
+        remote: str | None = None,
+        version: tuple[int, int] = (1, 1),
+        agent: str | None = None,
+        gone: bool = False,
+    ) -> None:
         path = raw_path if self.include_query else raw_path.partition("?")[0]
-        route: str = request.get(ROUTE, "-")
-        upstream: float | None = request.get(UPSTREAM_SECONDS)
-        status = response.status
-        bytes_in = request.content.total_bytes
-        bytes_out = response.body_length
-        method = request.method
         observer = self.observer
         if observer is not None and not path.startswith(_OWN_PAGES):
             observer.observe(route, method, status, bytes_in, bytes_out, upstream)
@@ -316,7 +315,8 @@ class AccessLogger(AbstractAccessLogger):
         if method not in _METHODS:
             method = redact(method)
         upstream_text = f" upstream {upstream * 1000:.1f}ms" if upstream is not None else ""
-        message = f'{route} "{method} {path}" {status} {bytes_out}B {time * 1000:.1f}ms{upstream_text}{self.note}'
+        note = f" {CLIENT_GONE_NOTE}" if gone else ""
+        message = f'{route} "{method} {path}" {status} {bytes_out}B {seconds * 1000:.1f}ms{upstream_text}{note}'
         direct = _direct_handler(logger)
         if direct is not None:
             # The command line's logging, as setup_logging made it: the line its formatter
@@ -324,10 +324,10 @@ class AccessLogger(AbstractAccessLogger):
             # (tests/test_access_log.py checks that the lines are the same).
             handler, formatter = direct
             created, msecs = _now()
-            fields = _fields(request, method, path, status, bytes_out, time, bytes_in) if formatter.wants_fields else None
+            fields = HttpRequestFields(method, path, status, bytes_out, seconds, remote, version, bytes_in, agent) if formatter.wants_fields else None
             handler.add_line(formatter.access_line(logger.name, message, created, msecs, fields, route, upstream))
             return
-        fields = _fields(request, method, path, status, bytes_out, time, bytes_in)
+        fields = HttpRequestFields(method, path, status, bytes_out, seconds, remote, version, bytes_in, agent)
         record = _access_record(logger.name, message)
         d = record.__dict__
         d["http_request"] = fields
@@ -336,86 +336,11 @@ class AccessLogger(AbstractAccessLogger):
         d[_CLEAN] = True
         logger.handle(record)
 
-    @property
-    def enabled(self) -> bool:
-        # Always called, even with the access log below the level: it also feeds the metrics.
-        return True
-
-    def log_client_gone(self, request: web.BaseRequest, response: web.StreamResponse, time: float) -> None:
-        """``log`` for a request whose client went away before its response was complete.
-
-        ``client_gone`` makes this the connection's ``log`` for its last request:
-        the same line and metrics, from the ClientGone response's status and
-        bytes, with `` (client gone)`` at the end.
-        """
-        self.note = f" {CLIENT_GONE_NOTE}"
-        try:
-            AccessLogger.log(self, request, response, time)
-        finally:
-            self.note = ""
-
 
 #: The end of the access line of a request whose client went away before its response was complete.
 CLIENT_GONE_NOTE = "(client gone)"
 #: nginx's "client closed request": the client went away before the response's head was sent.
 CLIENT_CLOSED_REQUEST = 499
-
-
-class ClientGone(web.StreamResponse):
-    """What a handler returns for a request whose client went away: aiohttp then logs it.
-
-    aiohttp writes no access line for a handler it cancelled because the
-    client's connection was lost (``handler_cancellation``), and none of the
-    right kind when a write finds the connection closed. A handler that returns
-    this instead gets exactly one: aiohttp tries to send it, ``prepare`` raises
-    ConnectionResetError, and aiohttp passes it to the access logger with its
-    own measure of the request's duration, then drops the connection
-    (``RequestHandler.finish_response``; tests/test_client_gone.py checks it).
-    Its ``status`` and ``body_length`` are what the client got.
-    """
-
-    def __init__(self, status: int, sent: int) -> None:
-        super().__init__(status=status)
-        self._sent = sent
-
-    @property
-    def body_length(self) -> int:
-        return self._sent
-
-    async def prepare(self, request: web.BaseRequest) -> AbstractStreamWriter | None:
-        raise ConnectionResetError("the client went away")
-
-
-def client_gone(request: web.BaseRequest, status: int | None) -> ClientGone | None:
-    """The response to return for ``request`` if its client has gone away, else None.
-
-    ``status`` is that of the response whose head the client was sent, None if
-    it was sent nothing. As nginx logs them: a request whose client left before
-    the head is logged 499 with no bytes; one whose head went out keeps its
-    status, with the bytes written to the client so far (head included, as on
-    every line). Either line ends with ``(client gone)``.
-
-    Call it only where the request has failed (a cancellation, a failed write):
-    if the client is still there, the caller re-raises.
-    """
-    transport = request.transport
-    if transport is not None and not transport.is_closing():
-        return None
-    if status is None:
-        response = ClientGone(CLIENT_CLOSED_REQUEST, 0)
-    else:
-        response = ClientGone(status, request.writer.output_size)
-    # aiohttp makes one access logger per connection (RequestHandler.access_logger; it
-    # has no hook for this) and this connection serves no other request now: its last
-    # line is the client-gone one, and ``log``, run for every request, needs no check.
-    access = request.protocol.access_logger
-    if isinstance(access, AccessLogger):
-        access.log = access.log_client_gone  # type: ignore[method-assign]
-    task = asyncio.current_task()
-    if task is not None and task.cancelling():
-        # aiohttp cancelled the handler because the connection was lost: handled here.
-        task.uncancel()
-    return response
 
 
 class HttpRequestFields:
@@ -461,19 +386,11 @@ class HttpRequestFields:
         }
         if self.bytes_in:
             # The body only: Cloud Logging's requestSize would include the head, which
-            # aiohttp does not measure.
+            # the access line does not measure.
             http["requestSize"] = str(self.bytes_in)
         if self.agent:
             http["userAgent"] = redact(self.agent[:300])
         return http
-
-
-def _fields(
-    request: web.BaseRequest, method: str, path: str, status: int, bytes_out: int, seconds: float, bytes_in: int
-) -> HttpRequestFields:
-    return HttpRequestFields(
-        method, path, status, bytes_out, seconds, request.remote, request.version, bytes_in, request.headers.get(hdrs.USER_AGENT)
-    )
 
 
 def _now(ns: int | None = None) -> tuple[float, float]:
@@ -518,6 +435,13 @@ def _direct_handler(logger: logging.Logger) -> tuple[LoopBatchingHandler, TextFo
     return handler, formatter
 
 
+def _logging_start_ns() -> float:
+    """When logging was loaded, as LogRecord.relativeCreated counts from it (public attributes only)."""
+    probe = logging.LogRecord("", logging.INFO, "", 0, "", None, None)
+    return probe.created * 1e9 - probe.relativeCreated * 1e6
+
+
+_LOGGING_START_NS = _logging_start_ns()
 #: (thread id, logger name) -> the constant attributes of an access record.
 _RECORD_TEMPLATES: dict[tuple[int, str], dict[str, Any]] = {}
 
@@ -543,14 +467,5 @@ def _access_record(name: str, message: str) -> logging.LogRecord:
     now = time.time_ns()
     d["msg"] = message
     d["created"], d["msecs"] = _now(now)
-    d["relativeCreated"] = (now - logging._startTime * 1e9) / 1e6  # type: ignore[attr-defined]
+    d["relativeCreated"] = (now - _LOGGING_START_NS) / 1e6
     return record
-
-
-def access_logger_class(include_query: bool, observer: RequestObserver | None = None) -> type[AccessLogger]:
-    """The access logger for a listener.
-
-    ``include_query`` logs query strings (they may hold secrets); ``observer``
-    (the metrics) gets one call per request.
-    """
-    return type("AccessLogger", (AccessLogger,), {"include_query": include_query, "observer": observer})

@@ -22,8 +22,6 @@ from bisect import bisect_left
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING
 
-from aiohttp import web
-
 from ..auth.tokens import TokenCache, TokenKey
 
 if TYPE_CHECKING:
@@ -136,17 +134,10 @@ class ProxyMetrics:
         return generate_latest(self.registry)
 
 
-async def metrics_handler(request: web.Request, metrics: ProxyMetrics) -> web.Response:
+def pages(metrics: ProxyMetrics) -> dict[str, Callable[[], tuple[int, list[tuple[str, str]], bytes]]]:
     """``GET /.proxy/metrics``: the Prometheus text format."""
-    resp = web.Response(body=metrics.render(), headers={"Cache-Control": "no-store"})
-    resp.headers["Content-Type"] = CONTENT_TYPE
-    return resp
 
+    def page() -> tuple[int, list[tuple[str, str]], bytes]:
+        return 200, [("Content-Type", CONTENT_TYPE), ("Cache-Control", "no-store")], metrics.render()
 
-def add_routes(app: web.Application, metrics: ProxyMetrics) -> None:
-    """Serve ``/.proxy/metrics`` on ``app``."""
-
-    async def handler(request: web.Request) -> web.Response:
-        return await metrics_handler(request, metrics)
-
-    app.router.add_get(METRICS_PATH, handler)
+    return {METRICS_PATH: page}

@@ -5,8 +5,8 @@ as, seconds until its token expires, how many requests it answered and its
 recent errors. Never a token: token state comes from ``TokenCache.status``,
 which does not carry one. The browser guard applies here as everywhere.
 
-Counts and errors are collected from ``on_response_prepare`` (one dictionary
-lookup and an increment per response); an error is a request the proxy
+Counts and errors are collected as each response's head goes out (one
+dictionary lookup and an increment per response); an error is a request the proxy
 refused or failed (with its one-line reason) or an upstream answer of 401,
 403 or 5xx.
 """
@@ -18,18 +18,15 @@ import html
 import json
 import time
 from collections import deque
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from aiohttp import hdrs, web
-
 from .. import __version__
+from ..auth.tokens import TokenCache
 from ..config import RESERVED_PREFIX, Config
 from ..errors import redact
-from ..forward import ERROR_KEY, ROUTE_KEY
 from ..policy.router import CompiledRoute
-from ..auth.tokens import TokenCache
 
 PAGE_PATH = RESERVED_PREFIX + "/"
 JSON_PATH = RESERVED_PREFIX + "/status.json"
@@ -39,7 +36,7 @@ RECENT_ERRORS = 10
 _UPSTREAM_ERRORS = frozenset({401, 403})
 
 _PAGE_HEADERS = {
-    hdrs.CACHE_CONTROL: "no-store",
+    "Cache-Control": "no-store",
     # The page is ours and static: no script, no framing, nothing fetched.
     "Content-Security-Policy": "default-src 'none'; style-src 'unsafe-inline'; frame-ancestors 'none'",
     "X-Content-Type-Options": "nosniff",
@@ -81,31 +78,24 @@ class RequestStats:
     def counts(self, name: str) -> _Counts:
         return self._by_route.get(name, self.unrouted)
 
-    async def on_response_prepare(self, request: web.Request, response: web.StreamResponse) -> None:
-        """Count a response as its headers go out (an aiohttp signal receiver)."""
-        self.count(request, response)
-
-    def count(self, request: web.BaseRequest, response: web.StreamResponse) -> None:
-        """``on_response_prepare``'s work, called directly by the proxy path (app.FrontDoor)."""
-        reason: str | None = request.get(ERROR_KEY)
-        raw_path = request.raw_path
+    def count(self, method: str, raw_path: str, route: str, status: int, status_reason: str, error: str | None) -> None:
+        """Count a response as its head goes out; ``error`` is the proxy's reason if it refused or failed."""
+        reason = error
         # The proxy's own pages are not traffic, unless something was refused there.
         if reason is None and raw_path.startswith(PAGE_PATH):
             return
-        name = request.get(ROUTE_KEY, "-")
-        counts = self._by_route.get(name)
+        counts = self._by_route.get(route)
         if counts is None:
             # A route added at run time (a whole project's new service) gets its own counts.
-            counts = self.unrouted if name == "-" else self._by_route.setdefault(name, _Counts())
+            counts = self.unrouted if route == "-" else self._by_route.setdefault(route, _Counts())
         counts.requests += 1
-        status = response.status
         if reason is None:
             if status < 500 and status not in _UPSTREAM_ERRORS:
                 return
-            reason = f"upstream answered {status} {response.reason}"
+            reason = f"upstream answered {status} {status_reason}"
         # The query may hold secrets: never kept. The path is scrubbed of anything token-shaped.
         path = redact(raw_path.partition("?")[0][:200])
-        counts.errors.append(ErrorRecord(time.time(), request.method, path, status, redact(reason)))
+        counts.errors.append(ErrorRecord(time.time(), method, path, status, redact(reason)))
 
 
 class StatusPage:
@@ -164,26 +154,24 @@ class StatusPage:
             },
         }
 
-    async def json_handler(self, request: web.Request) -> web.Response:
+    def json_page(self) -> tuple[int, list[tuple[str, str]], bytes]:
         """``GET /.proxy/status.json``."""
         body = json.dumps(self.document(), indent=2) + "\n"
-        return web.Response(text=body, content_type="application/json", headers={hdrs.CACHE_CONTROL: "no-store"})
+        return 200, [("Content-Type", "application/json; charset=utf-8"), ("Cache-Control", "no-store")], body.encode()
 
-    async def page_handler(self, request: web.Request) -> web.Response:
+    def html_page(self) -> tuple[int, list[tuple[str, str]], bytes]:
         """``GET /.proxy/``: the same document as an HTML page."""
-        response = web.Response(text=render_html(self.document()), content_type="text/html", headers=_PAGE_HEADERS)
-        return response
+        headers = [("Content-Type", "text/html; charset=utf-8"), *_PAGE_HEADERS.items()]
+        return 200, headers, render_html(self.document()).encode()
 
-    def add_routes(self, app: web.Application) -> None:
-        """Serve the page and the JSON on ``app``, and count its responses."""
+    def pages(self) -> dict[str, Callable[[], tuple[int, list[tuple[str, str]], bytes]]]:
+        """The page, the JSON, and ``/.proxy`` redirected to the page."""
 
-        async def to_page(request: web.Request) -> web.Response:
-            raise web.HTTPPermanentRedirect(PAGE_PATH)
+        def to_page() -> tuple[int, list[tuple[str, str]], bytes]:
+            body = b"308: Permanent Redirect"
+            return 308, [("Location", PAGE_PATH), ("Content-Type", "text/plain; charset=utf-8")], body
 
-        app.router.add_get(PAGE_PATH, self.page_handler)
-        app.router.add_get(JSON_PATH, self.json_handler)
-        app.router.add_get(RESERVED_PREFIX, to_page)
-        app.on_response_prepare.append(self.stats.on_response_prepare)
+        return {PAGE_PATH: self.html_page, JSON_PATH: self.json_page, RESERVED_PREFIX: to_page}
 
 
 def _iso(t: float) -> str:

@@ -26,27 +26,20 @@ from __future__ import annotations
 
 import logging
 import re
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass
 
-from aiohttp import hdrs, web
+from aiohttp import hdrs
 from multidict import CIMultiDict
 
 from ..config import Config, normalize_origin
 from ..errors import BadRequest, Forbidden, ProxyError
-from ..forward import ERROR_KEY, error_response
 from .headers import UPSTREAM_CORS
 
 log = logging.getLogger(__name__)
 
-Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
-
 #: Host names every proxy accepts: loopback by name and by address.
 LOCAL_HOSTS = frozenset({"localhost", "127.0.0.1", "[::1]"})
-#: Set on a request from an allowed origin: the origin to answer CORS for.
-CORS_ORIGIN = web.RequestKey("cors_origin", str)
-#: Set when the guard answered a preflight itself: its Allow-* headers are the proxy's.
-_PREFLIGHT = web.RequestKey("preflight", bool)
 
 _CROSS = frozenset({"cross-site", "same-site"})
 _NAVIGATION_METHODS = frozenset({hdrs.METH_GET, hdrs.METH_HEAD})
@@ -217,51 +210,23 @@ class Guard:
         assert host is not None
         return self.check_origin(method, host, headers)
 
-    # -- aiohttp hooks -----------------------------------------------------------
+    # -- the response side ---------------------------------------------------------
 
-    @web.middleware
-    async def middleware(self, request: web.Request, handler: Handler) -> web.StreamResponse:
-        """Refuse, answer a preflight, or pass the request on (marking an allowed origin)."""
-        verdict = self.decide(request.method, request.headers)
-        if not verdict.allowed:
-            log.info("refused %s %s: %s", request.method, request.raw_path.partition("?")[0][:200], verdict.reason)
-            request[ERROR_KEY] = verdict.reason
-            error = BadRequest(verdict.reason, verdict.hint) if verdict.status == 400 else Forbidden(verdict.reason, verdict.hint)
-            return refusal_response(error)
-        if verdict.cors_origin is not None:
-            request[CORS_ORIGIN] = verdict.cors_origin
-            if verdict.preflight:
-                request[_PREFLIGHT] = True
-                log.debug(
-                    "answered the CORS preflight for %s %s from %s",
-                    request.headers.get(hdrs.ACCESS_CONTROL_REQUEST_METHOD, "")[:20],
-                    request.raw_path.partition("?")[0][:200],
-                    verdict.cors_origin,
-                )
-                return preflight_response(request.headers)
-        return await handler(request)
+    def adds_nothing(self, cors_origin: str | None) -> bool:
+        """Whether finish_headers leaves a response as it is, given that the response
+        has none of the upstream CORS headers it removes."""
+        return not self.origins and cors_origin is None
 
-    async def on_response_prepare(self, request: web.Request, response: web.StreamResponse) -> None:
+    def finish_headers(self, headers: CIMultiDict[str], status: int, cors_origin: str | None, preflight: bool = False) -> None:
         """Replace whatever CORS headers a response carries with the proxy's own."""
-        self.finish_headers(request, response)
-
-    def adds_nothing(self, request: web.BaseRequest) -> bool:
-        """Whether finish_headers leaves a response to ``request`` as it is, given that
-        the response has none of the upstream CORS headers it removes."""
-        return not self.origins and request.get(CORS_ORIGIN) is None
-
-    def finish_headers(self, request: web.BaseRequest, response: web.StreamResponse) -> None:
-        """``on_response_prepare``'s work, called directly by the proxy path (app.FrontDoor)."""
-        if response.status == 101:
+        if status == 101:
             return
-        headers = response.headers
-        if not request.get(_PREFLIGHT):
+        if not preflight:
             for name in UPSTREAM_CORS:
                 if name in headers:
                     del headers[name]
-        origin = request.get(CORS_ORIGIN)
-        if origin is not None:
-            headers[hdrs.ACCESS_CONTROL_ALLOW_ORIGIN] = origin
+        if cors_origin is not None:
+            headers[hdrs.ACCESS_CONTROL_ALLOW_ORIGIN] = cors_origin
             headers[hdrs.ACCESS_CONTROL_ALLOW_CREDENTIALS] = "true"
         if self.origins:
             # The answer depends on Origin: caches must not hand one origin's to another.
@@ -285,24 +250,26 @@ def _add_vary(headers: CIMultiDict[str], name: str) -> None:
         headers[hdrs.VARY] = f"{existing}, {name}"
 
 
-def refusal_response(error: ProxyError) -> web.Response:
-    """The guard's answer: the status and a one-line reason (and never CORS headers)."""
-    response = error_response(error)
-    response.headers["X-Content-Type-Options"] = "nosniff"
-    return response
+def refusal(verdict: Verdict) -> ProxyError:
+    """The error a refused verdict is answered with."""
+    if verdict.status == 400:
+        return BadRequest(verdict.reason, verdict.hint)
+    return Forbidden(verdict.reason, verdict.hint)
 
 
-def preflight_response(headers: Mapping[str, str]) -> web.Response:
-    """The proxy's own answer to a CORS preflight from an allowed origin.
+def preflight_headers(headers: Mapping[str, str]) -> CIMultiDict[str]:
+    """The headers of the proxy's own 204 answer to a CORS preflight from an allowed origin.
 
     The requested method and headers are granted (the origin is trusted); the
     upstream never sees the preflight, since it would not carry a token an
     upstream could check and an upstream ``*`` must not decide.
     """
-    out = {
-        hdrs.ACCESS_CONTROL_MAX_AGE: PREFLIGHT_MAX_AGE,
-        hdrs.VARY: "Origin, Access-Control-Request-Method, Access-Control-Request-Headers",
-    }
+    out: CIMultiDict[str] = CIMultiDict(
+        {
+            hdrs.ACCESS_CONTROL_MAX_AGE: PREFLIGHT_MAX_AGE,
+            hdrs.VARY: "Origin, Access-Control-Request-Method, Access-Control-Request-Headers",
+        }
+    )
     method = headers.get(hdrs.ACCESS_CONTROL_REQUEST_METHOD, "").strip()
     if _TOKEN.fullmatch(method):
         out[hdrs.ACCESS_CONTROL_ALLOW_METHODS] = method
@@ -310,5 +277,5 @@ def preflight_response(headers: Mapping[str, str]) -> web.Response:
     allowed = [h for h in requested if _TOKEN.fullmatch(h)]
     if allowed:
         out[hdrs.ACCESS_CONTROL_ALLOW_HEADERS] = ", ".join(allowed)
-    # Allow-Origin and Allow-Credentials are added by on_response_prepare, like on every answer.
-    return web.Response(status=204, headers=out)
+    # Allow-Origin and Allow-Credentials are added by finish_headers, like on every answer.
+    return out

@@ -293,7 +293,7 @@ def rewrite_cookie_path(value: str, *, prefix: str, base_path: str, request_path
     default = _default_cookie_path(request_path)
     default_ok = prefix == "/" or default == prefix or default.startswith(prefix + "/")
     for i in range(1, len(parts)):
-        name, eq, path = parts[i].partition("=")
+        name, _eq, path = parts[i].partition("=")
         if name.strip().lower() != "path":
             continue
         seen = True

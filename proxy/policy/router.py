@@ -14,9 +14,9 @@ from urllib.parse import unquote
 
 from yarl import URL
 
+from ..auth.tokens import TokenKey
 from ..config import RESERVED_PREFIX, Route
 from ..errors import BadRequest, NoRoute
-from ..auth.tokens import TokenKey
 
 
 class Target(NamedTuple):
@@ -98,14 +98,14 @@ def split_target(raw: str) -> Target:
         if raw == "*":
             raise BadRequest("asterisk-form request target (OPTIONS *) is not proxied")
         raise BadRequest("request target must be a path (absolute-form targets are not proxied)")
-    path, sep, query = raw.partition("?")
+    path, _sep, query = raw.partition("?")
     path = path.partition("#")[0]
     if "." not in path and "%" not in path:
         return Target(path, query)
     for segment in path.split("/"):
         if "." in segment or "%" in segment:
             decoded = unquote(segment)
-            if decoded in (".", "..") or "/" in decoded and any(p in (".", "..") for p in decoded.split("/")):
+            if decoded in (".", "..") or ("/" in decoded and any(p in (".", "..") for p in decoded.split("/"))):
                 raise BadRequest("path contains a . or .. segment")
     return Target(path, query)
 

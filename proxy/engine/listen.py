@@ -1,4 +1,4 @@
-"""The main listener's site: connections accepted in batches.
+"""Listening sockets whose connections are accepted in batches.
 
 uvloop (libuv) accepts one connection per turn of the event loop. Under load a
 turn lasts as long as handling every ready socket takes, so a burst of new
@@ -8,11 +8,9 @@ at once (bench/run.py, c1000) hundreds were still unaccepted after 9 s and the
 p99 latency was 5-7 s, though no request spent more than 0.25 s in the proxy.
 Python's own event loop accepts up to its backlog per turn.
 
-``BatchAcceptSite`` does the same on any loop: it owns the listening sockets,
+``Listener`` does the same on any loop: it owns the listening sockets,
 accepts up to ``ACCEPT_BATCH`` connections each time one is readable and hands
-each to the aiohttp server with ``loop.connect_accepted_socket``. To aiohttp it
-is a site like ``web.TCPSite``: the runner stops it first on cleanup (the
-listening sockets close), and ``runner.addresses`` lists its sockets.
+each to the protocol factory with ``loop.connect_accepted_socket``.
 """
 
 from __future__ import annotations
@@ -21,10 +19,7 @@ import asyncio
 import errno
 import logging
 import socket
-from typing import Any
-
-from aiohttp import web
-from yarl import URL
+from collections.abc import Callable
 
 log = logging.getLogger(__name__)
 
@@ -37,13 +32,14 @@ _PAUSE_SECONDS = 1.0
 _RESOURCE_ERRORS = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM})
 
 
-class _Acceptor(asyncio.AbstractServer):
-    """Listening sockets whose connections go to ``factory`` (an aiohttp Server)."""
+class Listener:
+    """Listening sockets whose connections go to ``factory`` (a protocol factory)."""
 
-    def __init__(self, loop: asyncio.AbstractEventLoop, sockets: list[socket.socket], factory: Any) -> None:
+    def __init__(self, loop: asyncio.AbstractEventLoop, sockets: list[socket.socket], factory: Callable[[], asyncio.Protocol]) -> None:
         self._loop = loop
         self._sockets = sockets
         self._factory = factory
+        self._addresses = [sock.getsockname() for sock in sockets]
         self._serving = False
         self._adopting: set[asyncio.Task[None]] = set()
         #: The most connections one readiness event accepted (tests check that batching happens).
@@ -95,9 +91,8 @@ class _Acceptor(asyncio.AbstractServer):
             log.debug("dropped an accepted connection (%s)", e.strerror or type(e).__name__)
             conn.close()
 
-    # -- asyncio.AbstractServer ---------------------------------------------------
-
     def close(self) -> None:
+        """Stop accepting: the listening sockets close (connections already accepted stay)."""
         if not self._serving:
             return
         self._serving = False
@@ -109,21 +104,22 @@ class _Acceptor(asyncio.AbstractServer):
     def is_serving(self) -> bool:
         return self._serving
 
-    def get_loop(self) -> asyncio.AbstractEventLoop:
-        return self._loop
+    @property
+    def addresses(self) -> list[tuple[str, int]]:
+        """(host, port, ...) of each listening socket."""
+        return list(self._addresses)
 
-    async def start_serving(self) -> None:
-        if not self._serving:
-            self.start()
+    @classmethod
+    def open(
+        cls, factory: Callable[[], asyncio.Protocol], host: str, port: int, *, backlog: int, loop: asyncio.AbstractEventLoop | None = None
+    ) -> Listener:
+        """Bind ``host``:``port`` (every address of it) and start accepting; OSError if it cannot bind."""
+        listener = cls(loop or asyncio.get_running_loop(), bind(host, port, backlog), factory)
+        listener.start()
+        return listener
 
-    async def serve_forever(self) -> None:
-        raise NotImplementedError("the aiohttp runner drives this server")
 
-    async def wait_closed(self) -> None:
-        return None
-
-
-def _bind(host: str, port: int, backlog: int) -> list[socket.socket]:
+def bind(host: str, port: int, backlog: int) -> list[socket.socket]:
     """Listening sockets for every address of ``host``, as loop.create_server binds them."""
     infos = socket.getaddrinfo(host or None, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
     sockets: list[socket.socket] = []
@@ -148,27 +144,4 @@ def _bind(host: str, port: int, backlog: int) -> list[socket.socket]:
     return sockets
 
 
-class BatchAcceptSite(web.BaseSite):
-    """A TCP site (host, port) whose connections are accepted in batches (see the module docstring)."""
-
-    __slots__ = ("_host", "_port")
-
-    def __init__(self, runner: web.BaseRunner, host: str, port: int, *, backlog: int) -> None:
-        super().__init__(runner, backlog=backlog)
-        self._host = host
-        self._port = port
-
-    @property
-    def name(self) -> str:
-        return str(URL.build(scheme="http", host=self._host, port=self._port))
-
-    async def start(self) -> None:
-        await super().start()
-        server = self._runner.server
-        assert server is not None
-        acceptor = _Acceptor(asyncio.get_running_loop(), _bind(self._host, self._port, self._backlog), server)
-        acceptor.start()
-        self._server = acceptor
-
-
-__all__ = ["ACCEPT_BATCH", "BatchAcceptSite"]
+__all__ = ["ACCEPT_BATCH", "Listener", "bind"]

@@ -1,42 +1,55 @@
-"""A lean upstream client for plain GET and HEAD requests without a body.
+"""The upstream transport: keep-alive pools of HTTP/1.1 connections on asyncio protocols.
 
-Profiles showed aiohttp's ClientSession as the largest cost per proxied request
-(request object, connector, timers, reader and payload machinery). For the
-common case, a request without a body answered by a plain response, this module
-does the same with less: a keep-alive pool of asyncio Protocols per upstream,
-one request head written at once, httptools (llhttp) parsing the response, and
-the body handed over with flow control (reading pauses while the client is
-behind): a body of known length is piped, each part written to the client as
-it is parsed. Everything else (bodies, websockets, routes behind an outbound proxy)
-stays on the ClientSession path in forward.py.
+One transport for every request the proxy sends upstream. A pool per origin
+(scheme, host, port, and the outbound proxy if any); one request head written
+at once, a request body after it (bytes in the same write, or streamed from the
+client with Content-Length or chunked framing, pausing while the upstream is
+behind); httptools (llhttp) parsing the response, the head bounded as
+aiohttp's client bounded it; the body handed over with flow control (reading
+pauses while the client is behind): a body of known length is piped, each part
+written to the client as it is parsed. TLS verifies the certificate against the
+origin's host name (SNI the same), with the trust store of
+``ssl.create_default_context()`` (which honours ``SSL_CERT_FILE`` and
+``SSL_CERT_DIR``). Outbound proxies: an ``http://`` upstream's requests go to
+the proxy in absolute form; an ``https://`` one's through a CONNECT tunnel.
 
-Behaviour matches that path: same error reasons, a stale pooled connection is
-retried once on a fresh one (as aiohttp does for idempotent requests), nothing
-is decompressed, and a connection whose response did not end cleanly is closed,
-never reused.
+An upstream answering ``101 Switching Protocols`` hands its connection to the
+tunnel (engine/tunnel.py). A stale pooled connection is retried once on a fresh
+one when the request can be sent again (no streamed body); nothing is
+decompressed; a connection whose exchange did not end cleanly is closed, never
+reused. Failures are raised as they are (OSError, ssl errors, Disconnected,
+UpstreamProtocolError, TimeoutError); the request path words them.
 """
 
 from __future__ import annotations
 
 import asyncio
+import base64
 import collections
 import ssl
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass, field
 from typing import Any, cast
 
 import httptools
-from aiohttp import hdrs
 from multidict import CIMultiDict
 
-from .errors import UpstreamError, UpstreamTimeout, redact
-from .policy.headers import HOP_BY_HOP, UPSTREAM_CORS
-from .policy.router import CompiledRoute
+#: RFC 9110 7.6.1 connection-specific fields (as policy/headers.py has them).
+HOP_BY_HOP = frozenset({"connection", "keep-alive", "proxy-connection", "te", "trailer", "transfer-encoding", "upgrade"})
+#: Response headers the proxy removes (only the proxy grants CORS: policy/guard.py).
+UPSTREAM_CORS = (
+    "Access-Control-Allow-Origin",
+    "Access-Control-Allow-Credentials",
+    "Access-Control-Allow-Methods",
+    "Access-Control-Allow-Headers",
+    "Access-Control-Allow-Private-Network",
+)
 
 _HOP_BY_HOP = frozenset(name.encode() for name in HOP_BY_HOP)
 #: Lengths of the hop-by-hop names: most names are passed over without lower().
 _HOP_LENGTHS = frozenset(len(n) for n in _HOP_BY_HOP)
 
-# What on_header notices about a response head, as bits of _Connection.seen.
+# What on_header notices about a response head, as bits of UpstreamConnection.seen.
 _LENGTH = 1  # Content-Length (digits only)
 _CHUNKED = 2  # Transfer-Encoding
 _DATE = 4
@@ -63,7 +76,7 @@ _COMPLETE_HEAD = _LENGTH | _DATE | _SERVER | _TYPE
 #: Connection tokens that name no other header.
 _PLAIN_CONNECTION = frozenset({b"keep-alive", b"close", b""})
 #: Methods the lean path carries (without a request body).
-METHODS = frozenset({hdrs.METH_GET, hdrs.METH_HEAD})
+METHODS = frozenset({"GET", "HEAD"})
 #: Response body bytes queued for the client before reading from the upstream pauses
 #: (bodies read with read(): chunked ones), and the most read from an upstream socket
 #: at once, into one buffer all connections share. Measured with 64 concurrent 1 MiB
@@ -80,6 +93,8 @@ PIPE_HIGH_WATER = 64 * 1024
 #: upstream connections a second (bench/run.py c1000).
 _MAX_IDLE = 1024
 _IDLE_SECONDS = 30.0
+#: A pooled connection idle at most this long may carry a body that cannot be sent twice.
+_FRESH_SECONDS = 2.0
 #: Response head bounds, as aiohttp's client: one field, how many, and in all.
 MAX_FIELD_SIZE = 8190
 MAX_HEADERS = 128
@@ -95,11 +110,11 @@ class Disconnected(Exception):
         self.exc = exc
 
 
-class _Connection(asyncio.BufferedProtocol):
+class UpstreamConnection(asyncio.BufferedProtocol):
     """One upstream HTTP/1.1 connection carrying one exchange at a time.
 
     A buffered protocol: the loop reads into ``read_buffer`` (shared by every
-    connection of a LeanClient) and the parser takes the bytes out at once, as
+    connection of a Pool) and the parser takes the bytes out at once, as
     body parts of their own. Nothing else runs between a read and its
     ``buffer_updated``, so one buffer serves all; and a read is at most
     ``_READ_SIZE``, where a plain protocol gets whatever the loop reads (256 KiB
@@ -115,6 +130,16 @@ class _Connection(asyncio.BufferedProtocol):
         self.idle_since = 0.0
         #: Fires at the route's deadline unless the response head came first.
         self.timer: asyncio.TimerHandle | None = None
+        #: Whether a 101 is the answer awaited (an upgrade request): then the tunnel takes over.
+        self.upgrade = False
+        #: After a 101: where the upstream's bytes go (engine/tunnel.py), and those that came with the head.
+        self.tunnel: Any = None
+        self.leftover = b""
+        self._write_paused = False
+        self._drain_waiters: list[asyncio.Future[None]] = []
+        #: CONNECT through an outbound proxy: the proxy's answer so far, and who waits for it.
+        self._connect_reply: bytearray | None = None
+        self._connect_waiter: asyncio.Future[bytes] | None = None
         self._reset()
 
     def _reset(self) -> None:
@@ -142,6 +167,9 @@ class _Connection(asyncio.BufferedProtocol):
         #: While set, body parts go to it as they are parsed (pipe); else they queue for read().
         self.sink: Callable[[bytes], bool] | None = None
         self.sink_error: BaseException | None = None
+        #: The task streaming the request body up, and whether all of it went.
+        self.sender: asyncio.Task[None] | None = None
+        self.body_sent = True
 
     # -- asyncio.Protocol ---------------------------------------------------
 
@@ -156,6 +184,12 @@ class _Connection(asyncio.BufferedProtocol):
         self.data_received(self.read_buffer[:nbytes])
 
     def data_received(self, data: bytes | memoryview) -> None:
+        if self.tunnel is not None:
+            self.tunnel.upstream_data(bytes(data))
+            return
+        if self._connect_reply is not None:
+            self._connect_data(bytes(data))
+            return
         if self.parser is None or self.complete:
             # Bytes nobody asked for: the framing is off, the connection unusable.
             self.close()
@@ -163,13 +197,53 @@ class _Connection(asyncio.BufferedProtocol):
         self.received = True
         try:
             self.parser.feed_data(data)
+        except httptools.HttpParserUpgrade as e:
+            # The bytes after a 101's head are the tunnel's: kept until it is attached.
+            offset = e.args[0] if e.args and isinstance(e.args[0], int) else len(data)
+            self.leftover = bytes(data[offset:])
+            if self.transport is not None:
+                self.transport.pause_reading()
         except httptools.HttpParserError as e:
             self._fail(self.head_error or UpstreamProtocolError(f"invalid HTTP response ({type(e).__name__})"))
             self.close()
 
+    def pause_writing(self) -> None:
+        self._write_paused = True
+        if self.tunnel is not None:
+            self.tunnel.upstream_pause_writing()
+
+    def resume_writing(self) -> None:
+        self._write_paused = False
+        for waiter in self._drain_waiters:
+            if not waiter.done():
+                waiter.set_result(None)
+        self._drain_waiters.clear()
+        if self.tunnel is not None:
+            self.tunnel.upstream_resume_writing()
+
+    async def drain(self) -> None:
+        if self.transport is None:
+            raise Disconnected(self.received)
+        if not self._write_paused:
+            return
+        waiter = self.loop.create_future()
+        self._drain_waiters.append(waiter)
+        await waiter
+
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed = True
         self.transport = None
+        for waiter in self._drain_waiters:
+            if not waiter.done():
+                waiter.set_exception(Disconnected(self.received, exc))
+        self._drain_waiters.clear()
+        if self._connect_waiter is not None and not self._connect_waiter.done():
+            self._connect_waiter.set_exception(ProxyConnectError(f"the proxy closed the connection{f' ({exc})' if exc else ''}"))
+        if self.tunnel is not None:
+            self.tunnel.upstream_lost()
+            return
+        if self.status == 101:
+            return
         if self.parser is not None and not self.complete:
             if exc is None and self.until_eof and self.head is not None and self.head.done():
                 # A body delimited by the end of the connection has ended.
@@ -209,7 +283,7 @@ class _Connection(asyncio.BufferedProtocol):
 
     def on_headers_complete(self) -> None:
         status = self.parser.get_status_code()
-        if 100 <= status < 200:
+        if 100 <= status < 200 and not (status == 101 and self.upgrade):
             # Informational (103 Early Hints): not relayed; the real answer follows.
             self.reason = ""
             self.raw_headers = []
@@ -217,8 +291,8 @@ class _Connection(asyncio.BufferedProtocol):
             self.seen = 0
             return
         self.status = status
-        self.keep_alive = bool(self.parser.should_keep_alive())
-        self.until_eof = not self.seen & (_LENGTH | _CHUNKED) and status not in (204, 304)
+        self.keep_alive = bool(self.parser.should_keep_alive()) and status != 101
+        self.until_eof = not self.seen & (_LENGTH | _CHUNKED) and status not in (101, 204, 304)
         if self.timer is not None:
             self.timer.cancel()
             self.timer = None
@@ -260,12 +334,15 @@ class _Connection(asyncio.BufferedProtocol):
 
     # -- the exchange ---------------------------------------------------------
 
-    def send(self, head: bytes, head_only: bool, deadline: float) -> asyncio.Future[None]:
-        """Write a request head; the future resolves when the response head is in.
+    def send(
+        self, head: bytes, head_only: bool, deadline: float, body: BodySource = None, chunked: bool = False
+    ) -> asyncio.Future[None]:
+        """Write a request head (and body); the future resolves when the response head is in.
 
         It fails with TimeoutError (and the connection is closed) if the head is not
         in by ``deadline`` (loop time): one timer on the connection, cheaper per
-        request than a timeout context around the wait.
+        request than a timeout context around the wait. A streamed body goes up
+        in a task of its own, so that an upstream answering early is heard.
         """
         self._reset()
         self.head_only = head_only
@@ -273,8 +350,75 @@ class _Connection(asyncio.BufferedProtocol):
         self.head = self.loop.create_future()
         self.timer = self.loop.call_at(deadline, self._head_timeout)
         assert self.transport is not None
-        self.transport.write(head)
+        if body is None or isinstance(body, bytes):
+            self.transport.write(head + body if body else head)
+        else:
+            self.transport.write(head)
+            self.body_sent = False
+            self.sender = self.loop.create_task(self._send_body(body, chunked))
         return self.head
+
+    async def _send_body(self, body: AsyncIterator[bytes], chunked: bool) -> None:
+        """Stream the request body up, pausing while the upstream is behind."""
+        try:
+            async for part in body:
+                transport = self.transport
+                if transport is None or self.closed:
+                    return  # the upstream went away: the response side reports it
+                if chunked:
+                    part = b"%x\r\n%b\r\n" % (len(part), part)
+                transport.write(part)
+                if self._write_paused:
+                    await self.drain()
+            if chunked and self.transport is not None:
+                self.transport.write(b"0\r\n\r\n")
+            self.body_sent = True
+        except Disconnected:
+            return
+        except asyncio.CancelledError:
+            raise
+        except BaseException as e:  # the client's body failed (too large, bad framing, gone)
+            self._fail(e)
+            self.close()
+
+    async def tunnel_through_proxy(self, origin: Origin, context: ssl.SSLContext) -> None:
+        """CONNECT to ``origin`` through the outbound proxy this connection reaches, then TLS."""
+        assert self.transport is not None and origin.via is not None
+        authority = f"[{origin.host}]:{origin.port}" if ":" in origin.host else f"{origin.host}:{origin.port}"
+        lines = [f"CONNECT {authority} HTTP/1.1\r\n", f"Host: {authority}\r\n"]
+        if origin.via.authorization:
+            lines.append(f"Proxy-Authorization: {origin.via.authorization}\r\n")
+        self._connect_reply = bytearray()
+        self._connect_waiter = self.loop.create_future()
+        self.transport.write(("".join(lines) + "\r\n").encode("latin-1"))
+        try:
+            reply = await self._connect_waiter
+        finally:
+            self._connect_reply = None
+            self._connect_waiter = None
+        status_line = reply.split(b"\r\n", 1)[0].decode("latin-1", "replace")
+        parts = status_line.split(" ", 2)
+        if len(parts) < 2 or not parts[1].isdigit() or not parts[1].startswith("2"):
+            raise ProxyConnectError(f"the proxy refused CONNECT ({' '.join(parts[1:])[:80]})")
+        transport = await self.loop.start_tls(self.transport, self, context, server_hostname=origin.host)
+        assert transport is not None
+        self.transport = transport
+
+    def _connect_data(self, data: bytes) -> None:
+        assert self._connect_reply is not None
+        self._connect_reply += data
+        end = self._connect_reply.find(b"\r\n\r\n")
+        if end < 0:
+            if len(self._connect_reply) > MAX_HEAD_BYTES:
+                self.close()
+            return
+        if end + 4 != len(self._connect_reply):
+            # Bytes before TLS started: the proxy's framing is off.
+            self.close()
+            return
+        waiter = self._connect_waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_result(bytes(self._connect_reply))
 
     def _head_timeout(self) -> None:
         self.timer = None
@@ -350,6 +494,10 @@ class _Connection(asyncio.BufferedProtocol):
             ]
         )
 
+    def raw_header_items(self) -> list[tuple[str, str]]:
+        """Every response header as received, decoded (the handshake's included)."""
+        return [(n.decode("utf-8", "surrogateescape"), v.decode("utf-8", "surrogateescape")) for n, v in self.raw_headers]
+
     def plain_head(self) -> bytes | None:
         """The response head for the client as bytes, where it needs no rewriting; else None.
 
@@ -377,13 +525,23 @@ class _Connection(asyncio.BufferedProtocol):
         return b"".join(lines)
 
     def reusable(self) -> bool:
-        return self.complete and self.keep_alive and not self.closed and not self.chunks and self.transport is not None
+        return (
+            self.complete
+            and self.keep_alive
+            and self.body_sent
+            and not self.closed
+            and not self.chunks
+            and self.transport is not None
+            and self.error is None
+        )
 
     def close(self) -> None:
         self.closed = True
         if self.timer is not None:
             self.timer.cancel()
             self.timer = None
+        if self.sender is not None and not self.sender.done():
+            self.sender.cancel()
         if self.transport is not None:
             self.transport.abort()
 
@@ -410,76 +568,150 @@ class UpstreamProtocolError(Exception):
     """The upstream's bytes are not a valid HTTP/1.1 response."""
 
 
-class LeanClient:
-    """Keep-alive pools of upstream connections, one per route's upstream."""
+class ProxyConnectError(OSError):
+    """The outbound proxy refused the CONNECT (its status and reason)."""
+
+
+@dataclass(frozen=True)
+class Via:
+    """An outbound HTTP proxy: where it is, and its ``Proxy-Authorization`` (from its URL), if any."""
+
+    host: str
+    port: int
+    authorization: str | None = None
+
+    @staticmethod
+    def basic(user: str, password: str) -> str:
+        return "Basic " + base64.b64encode(f"{user}:{password}".encode("latin-1")).decode("ascii")
+
+
+@dataclass(frozen=True)
+class Origin:
+    """Where requests go: scheme, host and port, and the outbound proxy on the way (or None)."""
+
+    scheme: str
+    host: str
+    port: int
+    via: Via | None = None
+    #: host[:port] as a Host header or an authority names it.
+    authority: str = field(default="", compare=False)
+
+    @property
+    def tls(self) -> bool:
+        return self.scheme == "https"
+
+    def target(self, path_qs: str) -> str:
+        """The request target for ``path_qs``: absolute-form to a plain-HTTP proxy, else origin-form."""
+        if self.via is not None and not self.tls:
+            return f"http://{self.authority or self.host}{path_qs}"
+        return path_qs
+
+    def proxy_headers(self) -> list[tuple[str, str]]:
+        """Headers a plain-HTTP proxy gets with each request (its credentials)."""
+        if self.via is not None and not self.tls and self.via.authorization:
+            return [("Proxy-Authorization", self.via.authorization)]
+        return []
+
+
+#: A request body for the upstream: bytes sent with the head, or parts streamed as they come.
+BodySource = bytes | AsyncIterator[bytes] | None
+
+
+class Pool:
+    """Keep-alive pools of upstream connections, one per origin."""
 
     def __init__(self) -> None:
-        self._idle: dict[tuple[str, str, int], list[_Connection]] = {}
+        self._idle: dict[Origin, list[UpstreamConnection]] = {}
         self._ssl: ssl.SSLContext | None = None
-        #: The read buffer every connection shares (see _Connection).
+        #: The read buffer every connection shares (see UpstreamConnection).
         self._read_buffer = memoryview(bytearray(_READ_SIZE))
 
-    def _ssl_context(self) -> ssl.SSLContext:
+    def ssl_context(self) -> ssl.SSLContext:
         if self._ssl is None:
-            # Created on first use: a process with only http upstreams never builds one.
+            # Created on first use: a process with only http upstreams never builds one. The
+            # default context verifies the chain and the host name, and reads SSL_CERT_FILE/DIR.
             self._ssl = ssl.create_default_context()
         return self._ssl
 
-    async def _connect(self, route: CompiledRoute) -> _Connection:
+    async def _connect(self, origin: Origin) -> UpstreamConnection:
         loop = asyncio.get_running_loop()
-        tls = route.scheme == "https"
-        _, conn = await loop.create_connection(
-            lambda: _Connection(loop, self._read_buffer),
-            route.host,
-            route.port,
-            ssl=self._ssl_context() if tls else None,
-            # The certificate must name the route's host, whatever the client asked for.
-            server_hostname=route.host if tls else None,
-        )
+        via = origin.via
+        if via is None:
+            _, conn = await loop.create_connection(
+                lambda: UpstreamConnection(loop, self._read_buffer),
+                origin.host,
+                origin.port,
+                ssl=self.ssl_context() if origin.tls else None,
+                # The certificate must name the origin's host, whatever the client asked for.
+                server_hostname=origin.host if origin.tls else None,
+            )
+            return conn
+        _, conn = await loop.create_connection(lambda: UpstreamConnection(loop, self._read_buffer), via.host, via.port)
+        if origin.tls:
+            await conn.tunnel_through_proxy(origin, self.ssl_context())
         return conn
 
-    async def exchange(self, route: CompiledRoute, head: bytes, head_only: bool, deadline: float) -> _Connection:
-        """Send ``head`` upstream; return the connection once the response head is in.
+    async def exchange(
+        self,
+        origin: Origin,
+        head: bytes,
+        deadline: float,
+        *,
+        body: BodySource = None,
+        chunked: bool = False,
+        head_only: bool = False,
+        upgrade: bool = False,
+    ) -> UpstreamConnection:
+        """Send ``head`` (and ``body``) upstream; return the connection once the response head is in.
 
-        Failures raise UpstreamError/UpstreamTimeout-ready exceptions: OSError and
-        ssl errors from connecting, Disconnected, UpstreamProtocolError, and
-        TimeoutError when no response head came by ``deadline`` (loop time).
+        ``chunked`` frames a streamed body's parts. Failures raise OSError and ssl
+        errors from connecting, Disconnected, UpstreamProtocolError, TimeoutError
+        when no response head came by ``deadline`` (loop time), and whatever the
+        body's source raised (the client's body failed) while it was being sent.
         """
-        key = (route.scheme, route.host, route.port)
-        idle = self._idle.get(key)
-        while idle:
+        idle = self._idle.get(origin)
+        # A request whose body streams cannot be sent twice: it takes only a pooled
+        # connection that was in use a moment ago (an upstream rarely closes one that soon).
+        resendable = body is None or isinstance(body, bytes)
+        while idle and not upgrade:
+            if not resendable and idle[-1].loop.time() - idle[-1].idle_since > _FRESH_SECONDS:
+                break
             conn = idle.pop()
             if conn.closed or conn.loop.time() - conn.idle_since > _IDLE_SECONDS:
                 conn.close()
                 continue
             try:
-                await self._wait(conn, conn.send(head, head_only, deadline))
+                await self._wait(conn, conn.send(head, head_only, deadline, body, chunked))
                 return conn
             except Disconnected as e:
-                # A pooled connection the upstream had closed: retry on a fresh one
-                # (GET and HEAD are idempotent), as aiohttp's client does.
-                if e.received:
+                # A pooled connection the upstream had closed: retry on a fresh one, as
+                # aiohttp's client does (the request was not received).
+                if e.received or not resendable:
                     raise
         async with asyncio.timeout_at(deadline):
-            conn = await self._connect(route)
-        await self._wait(conn, conn.send(head, head_only, deadline))
+            conn = await self._connect(origin)
+        conn.upgrade = upgrade
+        await self._wait(conn, conn.send(head, head_only, deadline, body, chunked))
         return conn
 
     @staticmethod
-    async def _wait(conn: _Connection, head: asyncio.Future[None]) -> None:
+    async def _wait(conn: UpstreamConnection, head: asyncio.Future[None]) -> None:
         try:
             await head
         except BaseException:
             conn.close()
             raise
 
-    def release(self, route: CompiledRoute, conn: _Connection) -> None:
-        """Return a connection whose response was read to its end; close anything else."""
+    def release(self, origin: Origin, conn: UpstreamConnection) -> None:
+        """Return a connection whose exchange ended cleanly; close anything else."""
         if not conn.reusable():
             conn.close()
             return
-        key = (route.scheme, route.host, route.port)
-        idle = self._idle.setdefault(key, [])
+        idle = self._idle.setdefault(origin, [])
+        now = conn.loop.time()
+        # The longest idle are first: those past their time go now, not only when reached.
+        while idle and (idle[0].closed or now - idle[0].idle_since > _IDLE_SECONDS):
+            idle.pop(0).close()
         if len(idle) >= _MAX_IDLE:
             conn.close()
             return
@@ -495,32 +727,30 @@ class LeanClient:
         self._idle.clear()
 
 
-def request_head(method: str, path_qs: str, headers: CIMultiDict[str]) -> bytes | None:
+def request_head(method: str, target: str, headers: CIMultiDict[str] | list[tuple[str, str]]) -> bytes | None:
     """The request head as bytes, or None if a value would break the framing."""
-    text = "".join([f"{method} {path_qs} HTTP/1.1\r\n", *[f"{name}: {value}\r\n" for name, value in headers.items()], "\r\n"])
+    items = headers.items() if isinstance(headers, CIMultiDict) else headers
+    parts = [f"{method} {target} HTTP/1.1\r\n"]
+    for name, value in items:
+        parts.append(f"{name}: {value}\r\n")
+    parts.append("\r\n")
+    text = "".join(parts)
     # One CR LF per line and no other CR or LF anywhere: no value or name splits a line.
-    lines = len(headers) + 2
+    lines = len(parts)
     if text.count("\n") != lines or text.count("\r") != lines:
         return None
     return text.encode("utf-8", "surrogateescape")
 
 
-def upstream_error(route: CompiledRoute, e: BaseException) -> UpstreamError:
-    """The 502 for a failure of the lean path, worded as for the ClientSession path."""
-    if isinstance(e, ssl.SSLCertVerificationError):
-        return UpstreamError(f"{route.name}: TLS certificate of {route.origin} not trusted ({type(e).__name__})")
-    if isinstance(e, ssl.SSLError):
-        return UpstreamError(f"{route.name}: TLS failure talking to {route.origin} ({type(e).__name__})")
-    if isinstance(e, OSError):
-        return UpstreamError(f"{route.name}: cannot connect to {route.origin} ({e.strerror or type(e).__name__})")
-    if isinstance(e, Disconnected):
-        return UpstreamError(f"{route.name}: upstream {route.origin} failed (ServerDisconnectedError: Server disconnected)")
-    # Redacted at the source: whatever the exception says, no token leaves in a 502 body.
-    return UpstreamError(redact(f"{route.name}: upstream {route.origin} failed ({e})"))
-
-
-def timeout_error(route: CompiledRoute) -> UpstreamTimeout:
-    return UpstreamTimeout(f"{route.name}: no response from {route.origin} within {route.route.timeout:g} s")
-
-
-__all__ = ["METHODS", "PIPE_HIGH_WATER", "Disconnected", "LeanClient", "UpstreamProtocolError", "request_head", "timeout_error", "upstream_error"]
+__all__ = [
+    "METHODS",
+    "PIPE_HIGH_WATER",
+    "BodySource",
+    "Disconnected",
+    "Origin",
+    "Pool",
+    "ProxyConnectError",
+    "UpstreamProtocolError",
+    "Via",
+    "request_head",
+]

@@ -1,0 +1,914 @@
+"""The HTTP/1.1 server protocol: asyncio protocols and httptools (llhttp).
+
+Shaped like uvicorn's ``httptools_impl``: the parser callbacks only record what
+arrived; a per-request ``Cycle`` runs the service's handler in a task; requests
+pipelined behind it wait their turn (reading pauses meanwhile); reading also
+pauses while a request body waits unread, and writing backs off while the
+client's write buffer is high. The head deadline and the keep-alive timeout are
+loop timers on the connection, not tasks.
+
+What a proxy holding a Google identity adds on top:
+
+- Never trust lenient parsing: llhttp runs strict (no obs-fold, no bare LF, no
+  Content-Length with Transfer-Encoding, ...), and on top of it a request with
+  no Host (HTTP/1.1) or two is refused. A refused request gets a one-line 400
+  that names the problem and never repeats the bytes sent, and the connection
+  closes, since the framing of whatever follows is in doubt.
+- Bounded heads: a request line or header field over ``MAX_FIELD_SIZE`` bytes,
+  or more than ``MAX_HEADERS`` fields, is 431.
+- A head deadline (``limits.header_timeout``): a partial head not complete in
+  time is 408; a connection that sent nothing is closed silently (browsers open
+  spare connections). Idle keep-alive connections close after
+  ``limits.keepalive_timeout``.
+- A connection cap (``limits.max_connections``): a connection beyond it gets a
+  503 at once and is closed.
+- A framing error in the body of a request already being handled fails that
+  body (so the upstream request is aborted) instead of leaving it waiting.
+- A client that goes away cancels its request's handler.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import logging
+import re
+import time
+from collections.abc import Awaitable, Callable, Iterable
+from email.utils import formatdate
+from http import HTTPStatus
+from typing import Protocol, cast
+
+import httptools
+from multidict import CIMultiDict
+
+from ..config import Limits
+from ..errors import FramingError
+
+log = logging.getLogger(__name__)
+
+#: Bounds on a request head, as aiohttp's server had them: one line or field, and how many fields.
+MAX_FIELD_SIZE = 8190
+MAX_HEADERS = 128
+#: Unread request body bytes buffered before reading from the client pauses.
+BODY_HIGH_WATER = 64 * 1024
+#: Bytes waiting in the client's transport before writers are asked to wait (drain).
+WRITE_HIGH_WATER = 64 * 1024
+#: llhttp's own descriptions ("Invalid header value char"): words only, never the request's bytes.
+_PHRASE = re.compile(r"[A-Za-z][A-Za-z0-9 ,.`'/-]{0,120}")
+#: Seconds between two warnings about connections refused for the cap.
+_WARN_EVERY = 10.0
+_CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
+_NO_BODY_STATUSES = frozenset({204, 304})
+CRLF = "\r\n"
+#: The Server header of the proxy's own answers (an upstream's passes as it is).
+SERVER_LINE = "Server: idtoken-proxy\r\n"
+
+
+def reason_phrase(status: int) -> str:
+    try:
+        return HTTPStatus(status).phrase
+    except ValueError:
+        return ""
+
+
+class _DateCache:
+    """The Date header's value, formatted once a second."""
+
+    __slots__ = ("second", "value")
+
+    def __init__(self) -> None:
+        self.second = -1
+        self.value = ""
+
+    def get(self) -> str:
+        now = int(time.time())
+        if now != self.second:
+            self.second = now
+            self.value = formatdate(now, usegmt=True)
+        return self.value
+
+
+_DATE = _DateCache()
+
+
+def plain_response(status: int, text: str, extra: str = "", *, close: bool = True) -> bytes:
+    """A complete text/plain response as raw bytes (the engine's own refusals)."""
+    body = text.encode()
+    return (
+        f"HTTP/1.1 {status} {reason_phrase(status)}\r\n"
+        "Content-Type: text/plain; charset=utf-8\r\n"
+        f"Content-Length: {len(body)}\r\n"
+        "Cache-Control: no-store\r\n"
+        f"Date: {_DATE.get()}\r\n"
+        f"{extra}"
+        f"{'Connection: close' + CRLF if close else ''}\r\n"
+    ).encode("latin-1") + body
+
+
+class RequestHead:
+    """A request as the exchange sees it, whatever the protocol."""
+
+    __slots__ = ("headers", "keep_alive", "method", "remote", "target", "upgrade", "version")
+
+    def __init__(
+        self,
+        method: str,
+        target: str,
+        version: tuple[int, int],
+        headers: CIMultiDict[str],
+        remote: str | None,
+        keep_alive: bool,
+        upgrade: bool,
+    ) -> None:
+        self.method = method
+        #: The request target as sent (origin-form path and query, "*", absolute- or authority-form).
+        self.target = target
+        self.version = version
+        self.headers = headers
+        self.remote = remote
+        self.keep_alive = keep_alive
+        #: The client asked for a protocol switch (Upgrade), or sent CONNECT.
+        self.upgrade = upgrade
+
+
+class Body:
+    """A request body as it arrives: ``read()`` the next part, b"" at the end.
+
+    Reading from the client pauses while more than ``BODY_HIGH_WATER`` bytes
+    wait here unread. ``Expect: 100-continue`` is answered at the first read.
+    """
+
+    __slots__ = ("_chunks", "_conn", "_continue", "_size", "_waiter", "complete", "error", "length", "total")
+
+    def __init__(self, conn: HTTP1Protocol | None, length: int | None, present: bool, expect_continue: bool = False) -> None:
+        self._conn = conn
+        self._chunks: collections.deque[bytes] = collections.deque()
+        self._size = 0
+        self._waiter: asyncio.Future[None] | None = None
+        #: Content-Length, None when chunked (or absent).
+        self.length = length
+        self.complete = not present
+        self.error: BaseException | None = None
+        #: Body bytes received so far.
+        self.total = 0
+        self._continue = expect_continue and present
+
+    @property
+    def exists(self) -> bool:
+        """Whether the request has a body (a length above 0, or chunked)."""
+        return not self.complete or self.total > 0 or bool(self.length)
+
+    # -- fed by the protocol ---------------------------------------------------
+
+    def feed(self, data: bytes) -> None:
+        self._chunks.append(data)
+        self._size += len(data)
+        self.total += len(data)
+        if self._size > BODY_HIGH_WATER and self._conn is not None:
+            self._conn.pause_reading("body")
+        self._wake()
+
+    def finish(self) -> None:
+        self.complete = True
+        self._wake()
+
+    def fail(self, exc: BaseException) -> None:
+        if not self.complete and self.error is None:
+            self.error = exc
+            self._wake()
+
+    def _wake(self) -> None:
+        waiter = self._waiter
+        if waiter is not None:
+            self._waiter = None
+            if not waiter.done():
+                waiter.set_result(None)
+
+    # -- read by the handler ---------------------------------------------------------
+
+    async def read(self) -> bytes:
+        """The next part of the body (all that has arrived); b"" at its end."""
+        while not self._chunks:
+            if self.error is not None:
+                raise self.error
+            if self.complete:
+                return b""
+            conn = self._conn
+            if self._continue and conn is not None:
+                # The client waits for this before it sends the body (RFC 9110 10.1.1).
+                self._continue = False
+                conn.write_raw(_CONTINUE)
+            if conn is not None:
+                conn.resume_reading("body")
+                if conn.lost:
+                    raise ConnectionResetError("the client went away")
+            self._waiter = asyncio.get_running_loop().create_future()
+            await self._waiter
+        data = self._chunks[0] if len(self._chunks) == 1 else b"".join(self._chunks)
+        self._chunks.clear()
+        self._size = 0
+        if self._conn is not None:
+            self._conn.resume_reading("body")
+        return data
+
+    async def read_all(self) -> bytes:
+        parts: list[bytes] = []
+        while True:
+            part = await self.read()
+            if not part:
+                return b"".join(parts)
+            parts.append(part)
+
+
+class Response:
+    """Writes one response on an HTTP/1.1 connection, framing it as its headers say."""
+
+    __slots__ = ("_chunked", "_conn", "_head_only", "_version", "finished", "keep_alive", "reason", "sent", "started", "status")
+
+    def __init__(self, conn: HTTP1Protocol, head: RequestHead) -> None:
+        self._conn = conn
+        self._head_only = head.method == "HEAD"
+        self._version = head.version
+        self._chunked = False
+        self.keep_alive = head.keep_alive
+        #: 0 until the head is sent.
+        self.status = 0
+        self.reason = ""
+        #: Bytes written to the client, head included.
+        self.sent = 0
+        self.started = False
+        self.finished = False
+
+    @property
+    def client_gone(self) -> bool:
+        return self._conn.lost or self._conn.transport is None or self._conn.transport.is_closing()
+
+    def close_after(self) -> None:
+        """The connection closes after this response (framing in doubt, a body left unread)."""
+        self.keep_alive = False
+
+    def _head(self, status: int, reason: str, headers: Iterable[tuple[str, str]], length: int | None) -> bytes:
+        self.status = status
+        self.reason = reason or reason_phrase(status)
+        if not self._conn.server.accepting:
+            self.keep_alive = False
+        cycle = self._conn.cycle
+        if cycle is not None and cycle.body is not None and not cycle.body.complete:
+            # An answer before the whole request body came: the rest cannot be skipped safely.
+            self.keep_alive = False
+        # An HTTP/1.0 client gets an HTTP/1.0 status line (as aiohttp's server answered it).
+        lines = [f"HTTP/1.{1 if self._version >= (1, 1) else 0} {status} {self.reason}\r\n"]
+        has_date = has_server = has_length = False
+        for name, value in headers:
+            if len(name) in (4, 6, 14):
+                lower = name.lower()
+                if lower == "date":
+                    has_date = True
+                elif lower == "server":
+                    has_server = True
+                elif lower == "content-length":
+                    # The caller's own (an upstream's, in its place): it frames the body.
+                    has_length = True
+            lines.append(f"{name}: {value}\r\n")
+        if not has_date:
+            lines.append(f"Date: {_DATE.get()}\r\n")
+        if not has_server:
+            lines.append(SERVER_LINE)
+        if self._head_only or status in _NO_BODY_STATUSES or status < 200 or has_length:
+            pass  # no body whatever the headers say, or framed by the caller's Content-Length
+        elif length is not None:
+            lines.append(f"Content-Length: {length}\r\n")
+        elif self._version >= (1, 1):
+            self._chunked = True
+            lines.append("Transfer-Encoding: chunked\r\n")
+        else:
+            # HTTP/1.0 without a length: the end of the connection ends the body.
+            self.keep_alive = False
+        if status == 101:
+            pass
+        elif not self.keep_alive:
+            lines.append("Connection: close\r\n")
+        elif self._version < (1, 1):
+            lines.append("Connection: keep-alive\r\n")
+        lines.append("\r\n")
+        return "".join(lines).encode("utf-8", "surrogateescape")
+
+    def start(self, status: int, reason: str, headers: Iterable[tuple[str, str]], length: int | None = None) -> None:
+        """Send the head; the body follows with write() and end().
+
+        The body is framed by a Content-Length among ``headers`` (it must be
+        right), else by ``length``, else chunked (close-delimited for HTTP/1.0).
+        """
+        data = self._head(status, reason, headers, length)
+        self._conn.write_raw(data)
+        self.started = True
+        self.sent += len(data)
+
+    def send(self, status: int, headers: Iterable[tuple[str, str]], body: bytes = b"", reason: str = "") -> None:
+        """A complete response in one write."""
+        data = self._head(status, reason, headers, len(body))
+        if not self._head_only and status not in _NO_BODY_STATUSES:
+            data += body
+        self._conn.write_raw(data)
+        self.started = True
+        self.sent += len(data)
+        self._finish()
+
+    def send_raw(self, status: int, reason: str, head: bytes, body: bytes) -> None:
+        """A complete response whose head is ready-made (framed by its own Content-Length)."""
+        self.status = status
+        self.reason = reason
+        if not self._conn.server.accepting:
+            # Shutting down: the connection closes after this one.
+            self.keep_alive = False
+            head = head[:-2] + b"Connection: close\r\n\r\n"
+        data = head + body
+        self._conn.write_raw(data)
+        self.started = True
+        self.sent += len(data)
+        self._finish()
+
+    def write(self, data: bytes) -> bool:
+        """Write body bytes; returns whether the client is behind (then await drain())."""
+        if not data or self._head_only:
+            return False
+        if self._chunked:
+            data = b"%x\r\n%b\r\n" % (len(data), data)
+        self.sent += len(data)
+        return self._conn.write_raw(data)
+
+    async def drain(self) -> None:
+        await self._conn.drain()
+
+    def end(self, data: bytes = b"") -> None:
+        if self.finished:
+            return
+        if data:
+            self.write(data)
+        if self._chunked and not self._head_only:
+            self.sent += 5
+            self._conn.write_raw(b"0\r\n\r\n")
+        self._finish()
+
+    def _finish(self) -> None:
+        self.finished = True
+        self._conn.response_done(self)
+
+    def abort(self) -> None:
+        """Cut the connection: the client must not take a truncated body for a complete one."""
+        self.finished = True
+        self.keep_alive = False
+        self._conn.abort()
+
+    def detach(self) -> tuple[HTTP1Protocol, asyncio.Transport, bytes]:
+        """After a 101: the connection, its transport and any bytes the client sent after its head (the tunnel's)."""
+        transport, pending = self._conn.detach()
+        return self._conn, transport, pending
+
+
+class Service(Protocol):
+    """What serves a listener's requests."""
+
+    async def handle(self, head: RequestHead, body: Body, response: Response) -> None: ...
+
+    def refused(self, head: RequestHead | None, response: Response | None, status: int, reason: str, sent: int) -> None: ...
+
+
+class TunnelEnd(Protocol):
+    """The other end of an upgraded connection (engine/tunnel.py)."""
+
+    def client_data(self, data: bytes) -> None: ...
+
+    def client_lost(self) -> None: ...
+
+    def client_pause_writing(self) -> None: ...
+
+    def client_resume_writing(self) -> None: ...
+
+
+class ServerState:
+    """One listener's connections, its limits and its shutdown."""
+
+    def __init__(
+        self, service: Service, limits: Limits, loop: asyncio.AbstractEventLoop | None = None, *, cancel_on_disconnect: bool = True
+    ) -> None:
+        self.service = service
+        #: Whether a client that goes away cancels its request's handler (else its next write fails).
+        self.cancel_on_disconnect = cancel_on_disconnect
+        self.limits = limits
+        self.loop = loop or asyncio.get_event_loop()
+        self.connections: set[HTTP1Protocol] = set()
+        self.accepting = True
+        #: Connections refused for the cap since start.
+        self.refused = 0
+        self._last_warning = -_WARN_EVERY
+
+    def __call__(self) -> HTTP1Protocol:
+        return HTTP1Protocol(self)
+
+    @property
+    def open_connections(self) -> int:
+        """Client connections open now (refused ones until they are gone)."""
+        return len(self.connections)
+
+    @property
+    def busy(self) -> int:
+        """Connections with a request being handled."""
+        return sum(1 for c in self.connections if c.cycle is not None)
+
+    def stop_accepting(self) -> None:
+        """Shutdown, phase 2: idle keep-alive connections close, busy ones close after their response."""
+        self.accepting = False
+        for conn in list(self.connections):
+            if conn.cycle is None and not conn.in_head and conn.tunnel is None:
+                conn.close()
+
+    async def drain(self, timeout: float) -> None:
+        """Shutdown, phase 4: wait up to ``timeout`` for requests in flight, then cancel them."""
+        # No connection takes a new request now (stop_accepting): the ones in flight are all.
+        tasks = {c.cycle.task for c in self.connections if c.cycle is not None and c.cycle.task is not None and not c.cycle.task.done()}
+        if tasks:
+            _, pending = await asyncio.wait(tasks, timeout=timeout)
+            for task in pending:
+                task.cancel()
+            if pending:
+                await asyncio.wait(pending, timeout=1.0)
+        for conn in list(self.connections):
+            conn.close()
+
+    def warn_refused(self, open_now: int) -> None:
+        self.refused += 1
+        now = self.loop.time()
+        if now - self._last_warning >= _WARN_EVERY:
+            self._last_warning = now
+            log.warning(
+                "refusing connections: %d open, limits.max_connections is %d (%d refused so far)",
+                open_now,
+                self.limits.max_connections,
+                self.refused,
+            )
+
+
+class Cycle:
+    """One request on a connection: its head, body, response and the task handling it."""
+
+    __slots__ = ("body", "head", "refusal", "response", "task")
+
+    def __init__(self, head: RequestHead | None, body: Body | None, refusal: tuple[int, str] | None = None) -> None:
+        self.head = head
+        self.body = body
+        self.refusal = refusal
+        self.response: Response | None = None
+        self.task: asyncio.Task[None] | None = None
+
+
+class _Refused(Exception):
+    """Raised from a parser callback: the request is refused with (status, reason)."""
+
+    def __init__(self, status: int, reason: str) -> None:
+        super().__init__(reason)
+        self.status = status
+        self.reason = reason
+
+
+class HTTP1Protocol(asyncio.Protocol):
+    """One client connection."""
+
+    def __init__(self, server: ServerState) -> None:
+        self.server = server
+        self.loop = server.loop
+        self.limits = server.limits
+        self.parser = httptools.HttpRequestParser(self)
+        self.transport: asyncio.Transport | None = None
+        self.remote: str | None = None
+        self.lost = False
+        # Parse state of the message being received.
+        self._url: list[bytes] = []
+        self._url_size = 0
+        self._headers: list[tuple[bytes, bytes]] = []
+        self._incoming: Cycle | None = None
+        self.in_head = False
+        #: The request being handled, and the ones pipelined behind it.
+        self.cycle: Cycle | None = None
+        self.pipeline: collections.deque[Cycle] = collections.deque()
+        self._pauses: set[str] = set()
+        self._write_paused = False
+        self._drain_waiters: list[asyncio.Future[None]] = []
+        self._timer: asyncio.TimerHandle | None = None
+        #: Whether the head being waited for has started (408 then, else a silent close).
+        self._head_started = False
+        self._requests = 0
+        self._upgraded: bytes | None = None
+        self._arrived: list[Cycle] | None = None
+        self.tunnel: TunnelEnd | None = None
+        self._closing = False
+
+    # -- asyncio.Protocol ------------------------------------------------------------
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = cast(asyncio.Transport, transport)
+        transport.set_write_buffer_limits(WRITE_HIGH_WATER)  # type: ignore[attr-defined]
+        peer = transport.get_extra_info("peername")
+        self.remote = peer[0] if isinstance(peer, tuple) else None
+        server = self.server
+        server.connections.add(self)
+        cap = self.limits.max_connections
+        if len(server.connections) > cap:
+            server.warn_refused(len(server.connections) - 1)
+            reason = f"idtoken-proxy: 503 too many connections (limits.max_connections is {cap})\n"
+            self.transport.write(plain_response(503, reason, "Retry-After: 1\r\n"))
+            self.close()
+            return
+        # A new connection must deliver its first head in time, like Go's ReadHeaderTimeout.
+        self._arm_head_deadline(started=False)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.lost = True
+        self.server.connections.discard(self)
+        self._cancel_timer()
+        for waiter in self._drain_waiters:
+            if not waiter.done():
+                waiter.set_exception(ConnectionResetError("the client went away"))
+        self._drain_waiters.clear()
+        if self.tunnel is not None:
+            self.tunnel.client_lost()
+        gone = ConnectionResetError("the client went away")
+        if self._incoming is not None and self._incoming.body is not None:
+            self._incoming.body.fail(gone)
+        cycle = self.cycle
+        if cycle is not None:
+            if cycle.body is not None:
+                cycle.body.fail(gone)
+            response = cycle.response
+            if (
+                self.server.cancel_on_disconnect
+                and cycle.task is not None
+                and not cycle.task.done()
+                and (response is None or not response.finished)
+            ):
+                # A client that goes away cancels its handler, and so the upstream request.
+                cycle.task.cancel()
+        self.pipeline.clear()
+
+    def pause_writing(self) -> None:
+        self._write_paused = True
+        if self.tunnel is not None:
+            self.tunnel.client_pause_writing()
+
+    def resume_writing(self) -> None:
+        self._write_paused = False
+        for waiter in self._drain_waiters:
+            if not waiter.done():
+                waiter.set_result(None)
+        self._drain_waiters.clear()
+        if self.tunnel is not None:
+            self.tunnel.client_resume_writing()
+
+    def data_received(self, data: bytes) -> None:
+        if self.tunnel is not None:
+            self.tunnel.client_data(data)
+            return
+        if self._upgraded is not None:
+            # Bytes after an upgrade request's head: the tunnel's, if there is one.
+            self._upgraded += data
+            return
+        if self._closing:
+            return
+        if self._timer is not None:
+            if self.cycle is None and not self.in_head:
+                # An idle kept-alive connection: the keep-alive timer gives way to the head deadline.
+                self._cancel_timer()
+            else:
+                self._head_started = True
+        idle = self.cycle is None and not self.in_head and self._timer is None
+        # Requests whose heads complete in this feed start only once llhttp has
+        # accepted what follows their heads too (it checks Transfer-Encoding after them).
+        arrived = self._arrived = []
+        try:
+            self.parser.feed_data(data)
+        except httptools.HttpParserUpgrade as e:
+            offset = e.args[0] if e.args and isinstance(e.args[0], int) else len(data)
+            self._upgraded = data[offset:]
+            self.pause_reading("upgrade")
+        except _Refused as e:
+            self._dispatch(arrived, failed=True)
+            self._refuse(e.status, e.reason)
+            return
+        except httptools.HttpParserError as e:
+            self._dispatch(arrived, failed=True)
+            cause = e.__context__
+            if isinstance(cause, _Refused):
+                self._refuse(cause.status, cause.reason)
+            else:
+                self._refuse(400, _describe(e), quiet=isinstance(e, httptools.HttpParserInvalidMethodError))
+            return
+        self._dispatch(arrived, failed=False)
+        if self.in_head and self._timer is None and idle and not self._closing:
+            self._arm_head_deadline(started=True)
+
+    def _dispatch(self, arrived: list[Cycle], failed: bool) -> None:
+        """Start (or queue) the requests whose heads arrived in one feed."""
+        self._arrived = None
+        if failed and arrived and arrived[-1] is self._incoming:
+            # The parser gave up inside this request (its body's framing): it is refused, never run.
+            arrived.pop()
+            self._incoming = None
+        for cycle in arrived:
+            if self.cycle is None:
+                self._start(cycle)
+            else:
+                # Pipelined: it waits its turn, and nothing more is read meanwhile.
+                self.pipeline.append(cycle)
+                self.pause_reading("pipeline")
+
+    # -- httptools callbacks ------------------------------------------------------------
+
+    def on_message_begin(self) -> None:
+        self.in_head = True
+        self._url = []
+        self._url_size = 0
+        self._headers = []
+
+    def on_url(self, url: bytes) -> None:
+        self._url_size += len(url)
+        if self._url_size > MAX_FIELD_SIZE:
+            raise _Refused(431, f"request line or header field longer than {MAX_FIELD_SIZE} bytes")
+        self._url.append(url)
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        if len(name) + len(value) > MAX_FIELD_SIZE:
+            raise _Refused(431, f"request line or header field longer than {MAX_FIELD_SIZE} bytes")
+        if len(self._headers) >= MAX_HEADERS:
+            raise _Refused(431, "too many header fields")
+        self._headers.append((name, value))
+
+    def on_headers_complete(self) -> None:
+        self.in_head = False
+        self._requests += 1
+        self._cancel_timer()
+        parser = self.parser
+        headers: CIMultiDict[str] = CIMultiDict()
+        hosts = 0
+        length: int | None = None
+        chunked = False
+        expect = False
+        for name, value in self._headers:
+            key = name.decode("latin-1")
+            text = value.decode("utf-8", "surrogateescape")
+            headers.add(key, text)
+            n = len(name)
+            if n == 4 and name.lower() == b"host":
+                hosts += 1
+            elif n == 14 and name.lower() == b"content-length":
+                length = int(value)
+            elif n == 17 and name.lower() == b"transfer-encoding":
+                chunked = True
+            elif n == 6 and name.lower() == b"expect" and value.lower() == b"100-continue":
+                expect = True
+        version_text = parser.get_http_version()
+        major, _, minor = version_text.partition(".")
+        version = (int(major or 1), int(minor or 0))
+        if hosts > 1:
+            raise _Refused(400, "malformed request: duplicate Host header")
+        if hosts == 0 and version >= (1, 1) and version[0] == 1:
+            raise _Refused(400, "malformed request: no Host header in an HTTP/1.1 request")
+        method = parser.get_method().decode("ascii", "replace")
+        target = b"".join(self._url).decode("utf-8", "surrogateescape")
+        upgrade = bool(parser.should_upgrade()) or method == "CONNECT"
+        keep_alive = bool(parser.should_keep_alive()) and not upgrade
+        head = RequestHead(method, target, version, headers, self.remote, keep_alive, upgrade)
+        present = chunked or bool(length)
+        body = Body(self, length if not chunked else None, present, expect)
+        cycle = Cycle(head, body)
+        self._incoming = cycle if present else None
+        if self._arrived is not None:
+            self._arrived.append(cycle)
+        else:
+            self._dispatch([cycle], failed=False)
+
+    def on_body(self, body: bytes) -> None:
+        incoming = self._incoming
+        if incoming is not None and incoming.body is not None:
+            incoming.body.feed(body)
+
+    def on_message_complete(self) -> None:
+        incoming = self._incoming
+        self._incoming = None
+        if incoming is not None and incoming.body is not None:
+            incoming.body.finish()
+
+    # -- cycles ------------------------------------------------------------------------
+
+    def _start(self, cycle: Cycle) -> None:
+        self.cycle = cycle
+        if cycle.refusal is not None:
+            status, reason = cycle.refusal
+            self._write_refusal(None, status, reason)
+            return
+        assert cycle.head is not None and cycle.body is not None
+        response = cycle.response = Response(self, cycle.head)
+        cycle.task = self.loop.create_task(self._run(cycle, response))
+
+    async def _run(self, cycle: Cycle, response: Response) -> None:
+        assert cycle.head is not None and cycle.body is not None
+        try:
+            await self.server.service.handle(cycle.head, cycle.body, response)
+        except asyncio.CancelledError:
+            if not self.lost:
+                raise
+        except Exception:
+            log.exception("unhandled error serving %s %s", cycle.head.method, cycle.head.target[:200])
+            if not response.started and not self.lost:
+                response.close_after()
+                response.send(500, [("Content-Type", "text/plain; charset=utf-8")], b"idtoken-proxy: 500 internal error\n")
+            else:
+                self.abort()
+        finally:
+            if not response.finished and self.cycle is cycle and self.tunnel is None:
+                # The handler ended without completing its response: nothing more can be framed.
+                self.abort()
+
+    def response_done(self, response: Response) -> None:
+        """The current response is complete: next in the pipeline, keep-alive, or close."""
+        cycle = self.cycle
+        if cycle is None or cycle.response is not response:
+            return
+        self.cycle = None
+        body = cycle.body
+        keep = response.keep_alive and self.server.accepting and self._upgraded is None
+        if keep and body is not None and not body.complete:
+            # The handler did not read the whole body: the rest cannot be skipped safely.
+            keep = False
+        if not keep:
+            self.close()
+            return
+        if self.pipeline:
+            self._start(self.pipeline.popleft())
+            if not self.pipeline:
+                self.resume_reading("pipeline")
+            return
+        if self.in_head:
+            # Part of the next head came while this request was served: its deadline runs now.
+            self._arm_head_deadline(started=True)
+        else:
+            self._arm_keepalive()
+
+    # -- refusals ------------------------------------------------------------------------
+
+    def _refuse(self, status: int, reason: str, quiet: bool = False) -> None:
+        """The parser refused the bytes received: answer (in turn) and close."""
+        self.pause_reading("refused")
+        self._cancel_timer()
+        level = logging.DEBUG if quiet else logging.INFO
+        log.log(level, "refused a request from %s: %d %s", self.remote, status, reason)
+        incoming = self._incoming
+        self._incoming = None
+        self.in_head = False
+        self._closing = True
+        cycle = self.cycle
+        if incoming is not None and incoming.body is not None and cycle is incoming and cycle.response is not None and not incoming.body.complete:
+            # The request being handled: its body fails, and its handler answers the 400.
+            cycle.response.close_after()
+            incoming.body.fail(FramingError(f"{reason} (in the request body)"))
+            return
+        if cycle is None:
+            self._write_refusal(None, status, reason)
+        else:
+            self.pipeline.append(Cycle(None, None, (status, reason)))
+
+    def _write_refusal(self, head: RequestHead | None, status: int, reason: str) -> None:
+        if self.transport is None or self.transport.is_closing():
+            return
+        data = plain_response(status, f"idtoken-proxy: {status} {reason}\n")
+        self.transport.write(data)
+        self.server.service.refused(head, None, status, reason, len(data))
+        self.close()
+
+    # -- timers ----------------------------------------------------------------------------
+
+    def _arm_head_deadline(self, started: bool) -> None:
+        self._cancel_timer()
+        self._head_started = started
+        self._timer = self.loop.call_later(self.limits.header_timeout, self._head_deadline, self._requests)
+
+    def _arm_keepalive(self) -> None:
+        self._cancel_timer()
+        self._timer = self.loop.call_later(self.limits.keepalive_timeout, self._keepalive_expired)
+
+    def _cancel_timer(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+
+    def _head_deadline(self, requests: int) -> None:
+        self._timer = None
+        if self.transport is None or self._requests != requests or self.cycle is not None:
+            return
+        seconds = self.limits.header_timeout
+        if self._head_started or self.in_head:
+            log.info("closing connection from %s: request head not complete within %g s (408)", self.remote, seconds)
+            reason = f"idtoken-proxy: 408 request head not complete within {seconds:g} s (limits.header_timeout)\n"
+            data = plain_response(408, reason)
+            self.transport.write(data)
+            self.server.service.refused(None, None, 408, "request head not complete", len(data))
+        else:
+            log.debug("closing connection from %s: no request within %g s", self.remote, seconds)
+        self.close()
+
+    def _keepalive_expired(self) -> None:
+        self._timer = None
+        if self.cycle is None and not self.in_head:
+            self.close()
+
+    # -- flow control -------------------------------------------------------------------------
+
+    def pause_reading(self, why: str) -> None:
+        if not self._pauses and self.transport is not None and not self.transport.is_closing():
+            self.transport.pause_reading()
+        self._pauses.add(why)
+
+    def resume_reading(self, why: str) -> None:
+        if why not in self._pauses:
+            return
+        self._pauses.discard(why)
+        if not self._pauses and self.transport is not None and not self.transport.is_closing():
+            self.transport.resume_reading()
+
+    def write_raw(self, data: bytes) -> bool:
+        """Write bytes as they are; returns whether the client is behind."""
+        transport = self.transport
+        if transport is None or transport.is_closing():
+            raise ConnectionResetError("the client's connection is closing")
+        transport.write(data)
+        return self._write_paused
+
+    async def drain(self) -> None:
+        if self.lost or self.transport is None or self.transport.is_closing():
+            raise ConnectionResetError("the client's connection is closing")
+        if not self._write_paused:
+            return
+        waiter = self.loop.create_future()
+        self._drain_waiters.append(waiter)
+        await waiter
+
+    # -- the end ----------------------------------------------------------------------------
+
+    def close(self) -> None:
+        self._closing = True
+        self._cancel_timer()
+        if self.transport is not None and not self.transport.is_closing():
+            self.transport.close()
+
+    def abort(self) -> None:
+        self._closing = True
+        self._cancel_timer()
+        if self.transport is not None:
+            self.transport.abort()
+
+    def detach(self) -> tuple[asyncio.Transport, bytes]:
+        """Hand the connection to a tunnel (after a 101): the transport and the bytes already read."""
+        assert self.transport is not None
+        pending = self._upgraded or b""
+        self._upgraded = b""
+        self._cancel_timer()
+        cycle = self.cycle
+        if cycle is not None and cycle.response is not None:
+            cycle.response.finished = True
+        return self.transport, pending
+
+    def attach_tunnel(self, tunnel: TunnelEnd) -> None:
+        self.tunnel = tunnel
+        self._pauses.clear()
+        if self.transport is not None and not self.transport.is_closing():
+            self.transport.resume_reading()
+
+    def tunnel_done(self) -> None:
+        """The tunnel ended: the connection's cycle is over."""
+        self.cycle = None
+
+
+def _describe(exc: BaseException) -> str:
+    """The one-line reason for a parse error: llhttp's description if it is plain words, never bytes."""
+    text = str(exc).split("\n", 1)[0].strip().rstrip(":")
+    if text and _PHRASE.fullmatch(text):
+        return "malformed request: " + text
+    return "malformed request"
+
+
+Handler = Callable[[RequestHead, Body, Response], Awaitable[None]]
+
+__all__ = [
+    "BODY_HIGH_WATER",
+    "MAX_FIELD_SIZE",
+    "MAX_HEADERS",
+    "Body",
+    "HTTP1Protocol",
+    "RequestHead",
+    "Response",
+    "ServerState",
+    "Service",
+    "plain_response",
+    "reason_phrase",
+]
+
