@@ -27,12 +27,20 @@ import logging
 import ssl
 import time
 from collections.abc import AsyncIterator, Callable
+from typing import cast
+
+import h2.errors
 
 from multidict import CIMultiDict
 
 from .auth import reauth
 from .auth.tokens import TokenCache
 from .config import RESERVED_PREFIX, Config
+from .engine.h2common import StreamReset
+from .engine.h2relay import link_resets, pump_request, pump_response
+from .engine.h2server import CONNECTION_SPECIFIC, H2Body, H2RequestHead, H2Response, ServerStream, response_headers
+from .engine.h2upstream import H2Pool, H2UpstreamError, UpstreamStream
+from .engine.h2upstream import Origin as H2Origin
 from .engine.http1 import Body, RequestHead, Response
 from .engine.tunnel import Tunnel
 from .engine.upstream import (
@@ -58,6 +66,7 @@ from .errors import (
 )
 from .ops.logs import CLIENT_CLOSED_REQUEST, AccessLog
 from .ops.status import RequestStats
+from .policy.grpc import trailers_only
 from .policy.guard import Guard, preflight_headers, refusal
 from .policy.headers import rewrite_location, rewrite_same_origin, rewrite_set_cookies, upstream_request_headers
 from .policy.router import CompiledRoute, Router, split_target
@@ -67,6 +76,8 @@ log = logging.getLogger(__name__)
 
 #: What a page handler returns: status, headers and body.
 Page = tuple[int, list[tuple[str, str]], bytes]
+#: A request body relayed as it comes (an HTTP/2 stream): it cannot be sent twice (reauth.py).
+STREAMED = object()
 #: Methods whose request carries a body by convention: Content-Length 0 when it has none.
 _BODY_METHODS = frozenset({"POST", "PUT", "PATCH"})
 
@@ -112,15 +123,18 @@ class Exchange:
         self.access = access
         self.pages = pages
         self.pool = pool if pool is not None else Pool()
+        #: HTTP/2 connections to upstreams, for requests that came over HTTP/2.
+        self.h2pool = H2Pool()
         #: Each route's outbound proxy (HTTPS_PROXY/NO_PROXY), resolved once (envproxy.py).
         self.proxies: dict[str, UpstreamProxy | None] = (
             proxies if proxies is not None else {r.name: proxy_for(r.scheme, r.host, r.port) for r in router.routes}
         )
-        #: Each route's origin for the transport (with its outbound proxy).
-        self.origins: dict[str, Origin] = {}
+        #: Each route's origin for the transport (with its outbound proxy), by route name,
+        #: with the route it was made for: a route table replaced at run time (a whole
+        #: project's re-listing) brings routes made later.
+        self.origins: dict[str, tuple[CompiledRoute, Origin]] = {}
         for r in router.routes:
-            via = self.proxies.get(r.name)
-            self.origins[r.name] = Origin(r.scheme, r.host, r.port, via.via() if via else None, authority=r.host_header)
+            self.origin_for(r)
         #: Requests being handled now (the in-flight gauge; shutdown reports it).
         self.inflight = 0
         #: Open websocket tunnels; shutdown closes them with 1001 (going away).
@@ -187,8 +201,9 @@ class Exchange:
         # 3. The route, and what the request must look like to be forwarded.
         if head.method == "CONNECT":
             raise ProxyError("CONNECT is not supported: this is a reverse proxy", status=405)
-        if head.version[0] != 1:
-            # llhttp accepts "HTTP/2.0" in an HTTP/1 request line; this port speaks HTTP/1.x only.
+        h2 = isinstance(head, H2RequestHead)
+        if head.version[0] != 1 and not h2:
+            # llhttp accepts "HTTP/2.0" in an HTTP/1 request line: HTTP/2 is a stream (engine/h2server.py).
             raise FramingError(f"HTTP/{head.version[0]}.{head.version[1]} is not supported here", status=505)
         if head.version < (1, 1) and "Transfer-Encoding" in headers:
             # RFC 9112 6.1: HTTP/1.0 has no Transfer-Encoding; treat the framing as faulty.
@@ -208,6 +223,8 @@ class Exchange:
             if reauth.should_buffer(r.header, length):
                 # Small bodies are read first so that a 401 can be retried (reauth.py).
                 upload = await _read_capped(body, cap)
+            elif h2:
+                pass  # relayed frame by frame, trailers included (_forward_h2)
             else:
                 upload = _stream(body, cap if length is None else None)
                 chunked = length is None
@@ -242,7 +259,10 @@ class Exchange:
             out["Transfer-Encoding"] = "chunked"
         elif upload is None and head.method in _BODY_METHODS and "Content-Length" not in out:
             out["Content-Length"] = "0"
-        origin = self.origins[route.name]
+        if h2:
+            await self._forward_h2(ctx, route, out, route.upstream_target(rest, split.query), cast(bytes | None, upload), token)
+            return
+        origin = self.origin_for(route)
         path_qs = origin.target(route.upstream_target(rest, split.query))
         proxy_headers = origin.proxy_headers()
         for name, value in proxy_headers:
@@ -285,6 +305,120 @@ class Exchange:
         finally:
             if not upgrade:
                 self.pool.release(origin, conn)
+
+    # -- 6 to 8 for an HTTP/2 stream -----------------------------------------------------------
+
+    async def handle_h2(self, stream: ServerStream) -> None:
+        """Serve one HTTP/2 stream: the same path as any request, to the upstream over HTTP/2."""
+        head = H2RequestHead(stream, stream.remote)
+        declared = head.headers.get("Content-Length")
+        body = H2Body(stream, int(declared) if declared is not None and declared.isdigit() else None)
+        response = H2Response(stream, trailers_only if head.grpc else None)
+        await self.handle(head, cast(Body, body), cast(Response, response))
+        await response.finish()
+
+    async def _forward_h2(
+        self, ctx: Context, route: CompiledRoute, out: CIMultiDict[str], path_qs: str, upload: bytes | None, token: str
+    ) -> None:
+        head = cast(H2RequestHead, ctx.head)
+        client = head.stream
+        body = cast(H2Body, ctx.body)
+        r = route.route
+        if self.proxies.get(route.name) is not None:
+            raise UpstreamError(f"{route.name}: HTTP/2 through an outbound proxy (HTTPS_PROXY) is not supported; use HTTP/1.1")
+        # The upstream head: pseudo-headers first, then the fields headers.py kept and injected.
+        fields = [
+            (b":method", head.method.encode()),
+            (b":scheme", route.scheme.encode()),
+            (b":authority", route.host_header.encode()),
+            (b":path", path_qs.encode("utf-8", "surrogateescape")),
+        ]
+        for name, value in out.items():
+            lower = name.lower()
+            if lower != "host" and lower not in CONNECTION_SPECIFIC:
+                fields.append((lower.encode("latin-1"), value.encode("utf-8", "surrogateescape")))
+        if head.headers.get("te", "").lower() == "trailers":
+            # The one TE value HTTP/2 allows; gRPC servers require it.
+            fields.append((b"te", b"trailers"))
+        streamed = body.exists and upload is None
+        loop = asyncio.get_running_loop()
+        started = loop.time()
+        h2origin = H2Origin(route.scheme, route.host, route.port)
+
+        async def send(fresh: str | None) -> _H2Attempt:
+            sent = fields if fresh is None else [(k, v) if k != r.header.encode() else (k, f"Bearer {fresh}".encode()) for k, v in fields]
+            try:
+                async with asyncio.timeout(r.timeout):
+                    upstream = await self.h2pool.open_stream(h2origin, sent, end_stream=not streamed and not upload)
+                    attempt = _H2Attempt(upstream)
+                    if upload:
+                        await upstream.send_data(upload, end_stream=True)
+                    elif streamed:
+                        attempt.sending = asyncio.ensure_future(pump_request(client, upstream))
+                    attempt.took(await upstream.response)
+            except TimeoutError:
+                raise UpstreamTimeout(f"{route.name}: no response from {route.origin} within {r.timeout:g} s") from None
+            except H2UpstreamError as e:
+                raise UpstreamError(f"{route.name}: {e}") from None
+            except StreamReset as e:
+                raise UpstreamError(f"{route.name}: upstream {route.origin} reset the stream ({e})") from None
+            return attempt
+
+        attempt = await send(None)
+        attempt = await reauth.retry_on_401(
+            self.tokens, route.token_key, r.header, STREAMED if streamed else upload, token, attempt, send
+        )
+        ctx.upstream_seconds = loop.time() - started
+        upstream = attempt.upstream
+        link_resets(client, upstream)
+        response = cast(H2Response, ctx.response)
+        status = attempt.status
+        headers = self._response_headers(
+            ctx,
+            route,
+            CIMultiDict((k.decode("latin-1"), v.decode("utf-8", "surrogateescape")) for k, v in attempt.head if not k.startswith(b":")),
+        )
+        self.guard.finish_headers(headers, status, ctx.cors_origin)
+        self._count(ctx, status, "")
+        response.status, response.started = status, True
+        try:
+            if upstream.next_is_end():
+                # A trailers-only answer (a gRPC error) stays one HEADERS frame with END_STREAM.
+                await upstream.read()
+                client.send_headers(response_headers(status, headers.items()), end_stream=True)
+            else:
+                client.send_headers(response_headers(status, headers.items()))
+                sent = await pump_response(upstream, client)
+                response.sent += sent
+            response.finished = True
+            if attempt.sending is not None and not attempt.sending.done():
+                # Answered in full before the request ended (a gRPC server may): stop the upload.
+                attempt.sending.cancel()
+                upstream.cancel(h2.errors.ErrorCodes.NO_ERROR)
+        except StreamReset as e:
+            if client.reset is not None:
+                raise ConnectionResetError("the client reset the stream") from None
+            # The upstream reset it: the client got the same RST_STREAM (link_resets).
+            ctx.error = f"upstream {route.origin} reset the stream ({e})"
+            response.finished = True
+        finally:
+            if attempt.sending is not None:
+                if not attempt.sending.done():
+                    attempt.sending.cancel()
+                await asyncio.gather(attempt.sending, return_exceptions=True)
+
+    def origin_for(self, route: CompiledRoute) -> Origin:
+        """The transport's origin for ``route``, made once per route object."""
+        cached = self.origins.get(route.name)
+        if cached is not None and cached[0] is route:
+            return cached[1]
+        if cached is not None or route.name not in self.proxies:
+            # A route made after startup (or made anew): its outbound proxy as the environment says.
+            self.proxies[route.name] = proxy_for(route.scheme, route.host, route.port)
+        via = self.proxies[route.name]
+        origin = Origin(route.scheme, route.host, route.port, via.via() if via else None, authority=route.host_header)
+        self.origins[route.name] = (route, origin)
+        return origin
 
     # -- 7. upgrades -------------------------------------------------------------------------
 
@@ -481,6 +615,31 @@ class Exchange:
 
     def close(self) -> None:
         self.pool.close()
+        self.h2pool.close()
+
+
+class _H2Attempt:
+    """One upstream stream of an HTTP/2 request, as reauth.retry_on_401 sees a response."""
+
+    __slots__ = ("head", "sending", "status", "upstream")
+
+    def __init__(self, upstream: UpstreamStream) -> None:
+        self.upstream = upstream
+        self.head: list[tuple[bytes, bytes]] = []
+        self.status = 0
+        #: The client's body going upstream, frame by frame.
+        self.sending: asyncio.Future[None] | None = None
+
+    def took(self, head: list[tuple[bytes, bytes]]) -> None:
+        self.head = head
+        for k, v in head:
+            if k == b":status":
+                self.status = int(v)
+
+    def release(self) -> None:
+        if self.sending is not None:
+            self.sending.cancel()
+        self.upstream.cancel(h2.errors.ErrorCodes.CANCEL)
 
 
 def request_host(headers: CIMultiDict[str]) -> str | None:
@@ -532,7 +691,9 @@ def _describe(e: BaseException) -> str:
 def upstream_error(route: CompiledRoute, e: BaseException) -> UpstreamError:
     """The 502 for a transport failure: each kind worded once."""
     if isinstance(e, ssl.SSLCertVerificationError):
-        return UpstreamError(f"{route.name}: TLS certificate of {route.origin} not trusted ({type(e).__name__})")
+        # OpenSSL's own words say what is wrong: the name, the date, or the issuer.
+        why = (e.verify_message or type(e).__name__).rstrip(".")
+        return UpstreamError(f"{route.name}: TLS certificate of {route.origin} not trusted ({why})")
     if isinstance(e, ssl.SSLError):
         return UpstreamError(f"{route.name}: TLS failure talking to {route.origin} ({type(e).__name__})")
     if isinstance(e, ProxyConnectError):

@@ -9,17 +9,17 @@ page of one service cannot call the other through the proxy (another origin).
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
+import dataclasses
 from dataclasses import dataclass
 from typing import Any
 
 import pytest
 import pytest_asyncio
-from aiohttp.test_utils import TestServer
 
 from proxy.app import STATE, build_identities, make_app
 from proxy.config import parse_config
 from proxy.resolve import resolve_config
-from proxy.server import runner_kwargs
+from proxy.server import ProxyServer
 from tests.fakes import PrivateService
 
 from .test_browser import _chromium, browser  # noqa: F401
@@ -32,10 +32,10 @@ pytestmark = [pytest.mark.browser, pytest.mark.asyncio(loop_scope="module")]
 class ProjectStack:
     a: PrivateService
     b: PrivateService
-    proxy: TestServer
+    proxy: ProxyServer
 
     def origin(self, name: str) -> str:
-        return f"http://{name}.localhost:{self.proxy.port}"
+        return f"http://{name}.localhost:{self.proxy.addresses[0][1]}"
 
 
 @pytest_asyncio.fixture(scope="module", loop_scope="module")
@@ -60,15 +60,15 @@ async def project(_cloud_apis: Apis, fake_google: Any, tmp_path_factory: pytest.
         env = {"CLOUDSDK_API_ENDPOINT_OVERRIDES_RUN": _cloud_apis.run.url}
         config, jobs = await resolve_config(config, identities, env=env)
         app = make_app(config, identities=identities, background=jobs)
-        server = TestServer(app, host="127.0.0.1", port=0)
-        settings = runner_kwargs(config)
-        settings.pop("handler_cancellation")
-        await server.start_server(**settings)
+        # The production server, on a free loopback port.
+        served = dataclasses.replace(config, listen=dataclasses.replace(config.listen, host="127.0.0.1", port=0))
+        server = ProxyServer(app, served)
+        await server.start()
         try:
             assert await app[STATE].tokens.wait_ready(15)
             yield ProjectStack(a, b, server)
         finally:
-            await server.close()
+            await server.stop()
             _cloud_apis.run.reset()
 
 

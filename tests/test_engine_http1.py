@@ -88,11 +88,6 @@ async def test_expect_100_continue_gets_100_before_the_body(start_proxy, sa_key,
     assert private_service.last.body_len == len(body)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="aiohttp's server writes 100 Continue as soon as the request reaches the catch-all "
-    "route (its expect handler), before the guard and the router have looked at it; the 404/403 follows",
-)
 @pytest.mark.parametrize(
     ("target", "headers", "status"),
     [

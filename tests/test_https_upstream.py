@@ -154,12 +154,6 @@ async def test_bad_certificate_is_refused_with_502_and_a_reason(start_proxy, cli
         assert service.handshakes == [HOST]
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="today's 502 says 'TLS certificate of URL not trusted (SSLCertVerificationError)' "
-    "for both: it does not say the name does not match or the certificate has expired "
-    "(ssl.SSLCertVerificationError.verify_message has it)",
-)
 @pytest.mark.parametrize(("kind", "words"), [("wrong-host", ("hostname",)), ("expired", ("expired",))])
 async def test_bad_certificate_reason_says_what_is_wrong(start_proxy, client, sa_key, test_ca, trust_ca, fake_google, kind, words):
     with TLSPrivateService(test_ca, kind, certs_url=fake_google.certs_url) as service:
@@ -170,12 +164,6 @@ async def test_bad_certificate_reason_says_what_is_wrong(start_proxy, client, sa
         assert all(w in reason for w in words), reason
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="requests with a body (and websockets, outbound proxies) go through aiohttp's client, "
-    "whose default verified SSLContext is built at `import aiohttp` (connector.py "
-    "_SSL_CONTEXT_VERIFIED), so an SSL_CERT_FILE set after import is never read: 502 not trusted",
-)
 async def test_post_over_https_trusts_ssl_cert_file_set_before_the_proxy_starts(start_proxy, client, sa_key, https_service, trust_ca):
     proxy = await start_proxy(sa_config(sa_key[0], https_service.url))
     data = pattern_bytes(300_000)

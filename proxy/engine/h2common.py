@@ -33,12 +33,13 @@ import h2.events
 import h2.exceptions
 import h2.settings
 
+from .http1 import PREFACE
+
 log = logging.getLogger(__name__)
 
 Headers = list[tuple[bytes, bytes]]
 
 _GOAWAY = 0x7
-PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
 #: Our own limits, advertised in SETTINGS.
 MAX_CONCURRENT_STREAMS = 1000
 MAX_HEADER_LIST_SIZE = 64 * 1024
@@ -127,6 +128,8 @@ class Stream:
         self.closed = False
         #: Bytes received and not yet acknowledged (given back to the peer's window).
         self.unacked = 0
+        #: Body bytes received in all.
+        self.received = 0
         #: Called once when the peer resets the stream or the connection fails.
         self.on_reset: Callable[[StreamReset], None] | None = None
 
@@ -391,6 +394,7 @@ class Endpoint(asyncio.Protocol):
                 stream.unacked -= padding
                 self.conn.acknowledge_received_data(padding, event.stream_id)
             if event.data:
+                stream.received += len(event.data)
                 stream._push(("data", event.data))
         elif isinstance(event, h2.events.TrailersReceived):
             stream = self.streams.get(event.stream_id)

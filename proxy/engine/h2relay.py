@@ -32,19 +32,21 @@ async def pump_request(client: ServerStream, upstream: Stream) -> None:
             return
 
 
-async def pump_response(upstream: UpstreamStream, client: ServerStream, head: Headers) -> None:
-    """Upstream -> client, after the response head (already filtered) went out."""
+async def pump_response(upstream: Stream, client: ServerStream) -> int:
+    """Upstream -> client, after the response head (already filtered) went out; the body bytes sent."""
+    sent = 0
     while True:
         kind, value = await upstream.read()
         if kind == "data":
             await client.send_data(value)
             upstream.ack(len(value))
+            sent += len(value)
         elif kind == "trailers":
             client.send_trailers(value)
-            return
+            return sent
         else:
             client.end()
-            return
+            return sent
 
 
 def link_resets(client: ServerStream, upstream: Stream) -> None:
@@ -78,7 +80,7 @@ async def relay(
             client.send_headers(out, end_stream=True)
         else:
             client.send_headers(out)
-            await pump_response(upstream, client, out)
+            await pump_response(upstream, client)
         if not sending.done() and client.ended_outbound:
             # The upstream answered in full before the request ended (as a gRPC server may).
             sending.cancel()

@@ -59,6 +59,10 @@ _PHRASE = re.compile(r"[A-Za-z][A-Za-z0-9 ,.`'/-]{0,120}")
 #: Seconds between two warnings about connections refused for the cap.
 _WARN_EVERY = 10.0
 _CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
+#: Seconds a connection closed with a request body left unread keeps reading (HTTP1Protocol._linger).
+LINGER_SECONDS = 2.0
+#: What an HTTP/2 client with prior knowledge sends first (RFC 9113 3.4).
+PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
 _NO_BODY_STATUSES = frozenset({204, 304})
 CRLF = "\r\n"
 #: The Server header of the proxy's own answers (an upstream's passes as it is).
@@ -375,6 +379,21 @@ class Service(Protocol):
     def refused(self, head: RequestHead | None, response: Response | None, status: int, reason: str, sent: int) -> None: ...
 
 
+class H2Handoff(Protocol):
+    """The HTTP/2 side of a listener (engine/h2server.py's H2Connections)."""
+
+    @property
+    def count(self) -> int: ...
+
+    def take(self, transport: asyncio.Transport, data: bytes) -> None: ...
+
+    def shutdown(self) -> None: ...
+
+    def stream_tasks(self) -> set[asyncio.Future[None]]: ...
+
+    def close(self) -> None: ...
+
+
 class TunnelEnd(Protocol):
     """The other end of an upgraded connection (engine/tunnel.py)."""
 
@@ -391,9 +410,17 @@ class ServerState:
     """One listener's connections, its limits and its shutdown."""
 
     def __init__(
-        self, service: Service, limits: Limits, loop: asyncio.AbstractEventLoop | None = None, *, cancel_on_disconnect: bool = True
+        self,
+        service: Service,
+        limits: Limits,
+        loop: asyncio.AbstractEventLoop | None = None,
+        *,
+        cancel_on_disconnect: bool = True,
+        h2: H2Handoff | None = None,
     ) -> None:
         self.service = service
+        #: Takes over a connection that opens with the HTTP/2 preface (the main listener's).
+        self.h2 = h2
         #: Whether a client that goes away cancels its request's handler (else its next write fails).
         self.cancel_on_disconnect = cancel_on_disconnect
         self.limits = limits
@@ -409,8 +436,8 @@ class ServerState:
 
     @property
     def open_connections(self) -> int:
-        """Client connections open now (refused ones until they are gone)."""
-        return len(self.connections)
+        """Client connections open now (refused ones until they are gone), HTTP/2 ones included."""
+        return len(self.connections) + (self.h2.count if self.h2 is not None else 0)
 
     @property
     def busy(self) -> int:
@@ -423,11 +450,18 @@ class ServerState:
         for conn in list(self.connections):
             if conn.cycle is None and not conn.in_head and conn.tunnel is None:
                 conn.close()
+        if self.h2 is not None:
+            # GOAWAY: streams in flight finish, none is opened after it.
+            self.h2.shutdown()
 
     async def drain(self, timeout: float) -> None:
         """Shutdown, phase 4: wait up to ``timeout`` for requests in flight, then cancel them."""
         # No connection takes a new request now (stop_accepting): the ones in flight are all.
-        tasks = {c.cycle.task for c in self.connections if c.cycle is not None and c.cycle.task is not None and not c.cycle.task.done()}
+        tasks: set[asyncio.Future[None]] = {
+            c.cycle.task for c in self.connections if c.cycle is not None and c.cycle.task is not None and not c.cycle.task.done()
+        }
+        if self.h2 is not None:
+            tasks |= self.h2.stream_tasks()
         if tasks:
             _, pending = await asyncio.wait(tasks, timeout=timeout)
             for task in pending:
@@ -436,6 +470,8 @@ class ServerState:
                 await asyncio.wait(pending, timeout=1.0)
         for conn in list(self.connections):
             conn.close()
+        if self.h2 is not None:
+            self.h2.close()
 
     def warn_refused(self, open_now: int) -> None:
         self.refused += 1
@@ -503,6 +539,8 @@ class HTTP1Protocol(asyncio.Protocol):
         self._arrived: list[Cycle] | None = None
         self.tunnel: TunnelEnd | None = None
         self._closing = False
+        #: The first bytes, while they may still be the HTTP/2 preface (main listener only).
+        self._sniff: bytes | None = b"" if server.h2 is not None else None
 
     # -- asyncio.Protocol ------------------------------------------------------------
 
@@ -514,7 +552,7 @@ class HTTP1Protocol(asyncio.Protocol):
         server = self.server
         server.connections.add(self)
         cap = self.limits.max_connections
-        if len(server.connections) > cap:
+        if server.open_connections > cap:
             server.warn_refused(len(server.connections) - 1)
             reason = f"idtoken-proxy: 503 too many connections (limits.max_connections is {cap})\n"
             self.transport.write(plain_response(503, reason, "Retry-After: 1\r\n"))
@@ -575,6 +613,16 @@ class HTTP1Protocol(asyncio.Protocol):
             return
         if self._closing:
             return
+        if self._sniff is not None:
+            data = self._sniff + data
+            if PREFACE.startswith(data[: len(PREFACE)]):
+                if len(data) < len(PREFACE):
+                    self._sniff = data
+                    return
+                # HTTP/2 with prior knowledge (h2c): the connection is the HTTP/2 side's from here.
+                self._hand_over(data)
+                return
+            self._sniff = None
         if self._timer is not None:
             if self.cycle is None and not self.in_head:
                 # An idle kept-alive connection: the keep-alive timer gives way to the head deadline.
@@ -606,6 +654,12 @@ class HTTP1Protocol(asyncio.Protocol):
         self._dispatch(arrived, failed=False)
         if self.in_head and self._timer is None and idle and not self._closing:
             self._arm_head_deadline(started=True)
+
+    def _hand_over(self, data: bytes) -> None:
+        assert self.server.h2 is not None and self.transport is not None
+        self._cancel_timer()
+        self.server.connections.discard(self)
+        self.server.h2.take(self.transport, data)
 
     def _dispatch(self, arrived: list[Cycle], failed: bool) -> None:
         """Start (or queue) the requests whose heads arrived in one feed."""
@@ -737,9 +791,11 @@ class HTTP1Protocol(asyncio.Protocol):
         self.cycle = None
         body = cycle.body
         keep = response.keep_alive and self.server.accepting and self._upgraded is None
-        if keep and body is not None and not body.complete:
-            # The handler did not read the whole body: the rest cannot be skipped safely.
-            keep = False
+        if body is not None and not body.complete and not self.lost:
+            # The handler did not read the whole body (an early answer): the rest cannot be
+            # skipped safely, and the client may still be sending it.
+            self._linger()
+            return
         if not keep:
             self.close()
             return
@@ -859,6 +915,24 @@ class HTTP1Protocol(asyncio.Protocol):
         self._cancel_timer()
         if self.transport is not None and not self.transport.is_closing():
             self.transport.close()
+
+    def _linger(self) -> None:
+        """Close after the response, reading and dropping what the client still sends for a moment.
+
+        Closing a socket with unread input makes the kernel answer with RST, which
+        can destroy the response before the client reads it (nginx's lingering close).
+        The client sees our FIN at once; its own close or LINGER_SECONDS ends it.
+        """
+        self._closing = True
+        self._cancel_timer()
+        transport = self.transport
+        if transport is None or transport.is_closing():
+            return
+        self._pauses.clear()
+        transport.resume_reading()
+        if transport.can_write_eof():
+            transport.write_eof()
+        self._timer = self.loop.call_later(LINGER_SECONDS, transport.close)
 
     def abort(self) -> None:
         self._closing = True
