@@ -237,7 +237,7 @@ def route_table(config: Config) -> str:
             ("(each)", "NAME.localhost/", f"every {'service and function' if sp.functions else 'service'} of project {sp.project or '(default)'}, {where}", "(its URL)", "authorization", config.credentials.source)
         )
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
-    return "\n".join("  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip() for row in rows)
+    return "\n".join("  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip() for row in rows)
 
 
 def _unresolved(r: Any) -> str:
@@ -321,8 +321,8 @@ def cmd_token(argv: Sequence[str], env: Mapping[str, str]) -> int:
     p.add_argument("audience", help="the audience, usually the service URL")
     p.add_argument("--config", metavar="FILE", default=env.get(ENV_PREFIX + "CONFIG"), help="use the config's top-level credentials")
     args = p.parse_args(argv)
-    from .config import Credentials
     from .auth.identity import build_identity
+    from .config import Credentials
 
     setup_logging("warning")
     creds = Credentials()

@@ -30,7 +30,6 @@ from collections.abc import AsyncIterator, Callable
 from typing import cast
 
 import h2.errors
-
 from multidict import CIMultiDict
 
 from .auth import reauth

@@ -18,6 +18,7 @@ by this command.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import sys
 from collections.abc import Mapping, Sequence
@@ -150,10 +151,8 @@ def cmd_mcp(argv: Sequence[str], env: Mapping[str, str]) -> int:
         finally:
             await tokens.close()
 
-    try:
+    with contextlib.suppress(KeyboardInterrupt):
         anyio.run(run)
-    except KeyboardInterrupt:
-        pass
     log.info("stdin closed: bridge stopped")
     return EXIT_OK
 

@@ -40,7 +40,6 @@ from .identity import (
     source_from_file,
 )
 
-
 log = logging.getLogger(__name__)
 
 #: Scopes asked for on a user login's refresh: all of them are in a gcloud ADC login.

@@ -532,7 +532,7 @@ class GcloudIdentity(Identity):
         )
         try:
             out, err = await asyncio.wait_for(proc.communicate(), GCLOUD_TIMEOUT)
-        except asyncio.TimeoutError:
+        except TimeoutError:
             raise CredentialError(
                 f"`gcloud {args[0]} {args[1]}` did not finish within {GCLOUD_TIMEOUT:g} s",
                 "run `gcloud auth print-identity-token` yourself: is it waiting for a reauthentication?",

@@ -15,6 +15,7 @@ echo, RFC 6455) and ``/events`` (an event stream, SSE).
 from __future__ import annotations
 
 import base64
+import contextlib
 import hashlib
 import html
 import json
@@ -208,10 +209,8 @@ class _ServiceHandler(Handler):
         self.send_header("Sec-WebSocket-Accept", accept)
         self.end_headers()
         self.close_connection = True
-        try:
+        with contextlib.suppress(ConnectionError, OSError, _Closed):
             _echo(self.rfile, self.wfile)
-        except (ConnectionError, OSError, _Closed):
-            pass
 
 
 class _Closed(Exception):

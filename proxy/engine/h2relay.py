@@ -9,6 +9,7 @@ the other at once, so a cancelled RPC is cancelled upstream.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from collections.abc import Callable
 
 import h2.errors
@@ -91,10 +92,8 @@ async def relay(
         raise
     finally:
         if not sending.done():
-            try:
+            with contextlib.suppress(StreamReset, asyncio.CancelledError):
                 await sending
-            except (StreamReset, asyncio.CancelledError):
-                pass
         elif not sending.cancelled() and sending.exception() is not None:
             exc = sending.exception()
             if not isinstance(exc, StreamReset):
