@@ -478,6 +478,14 @@ class _Refused(Exception):
         self.reason = reason
 
 
+class _Nothing:
+    """What a lost connection parses with: nothing arrives any more (data_received is not called)."""
+
+
+#: A parser that holds no protocol: the one a connection has once it is lost.
+_LOST_PARSER: httptools.HttpRequestParser = httptools.HttpRequestParser(_Nothing())
+
+
 class HTTP1Protocol(asyncio.BufferedProtocol):
     """One client connection.
 
@@ -538,6 +546,9 @@ class HTTP1Protocol(asyncio.BufferedProtocol):
     def connection_lost(self, exc: Exception | None) -> None:
         self.lost = True
         self.server.connections.discard(self)
+        # The parser holds this protocol's callbacks: without it the two would wait for the
+        # cyclic garbage collector, which runs rarely while serving (server.tune_gc).
+        self.parser = _LOST_PARSER
         self._cancel_timer()
         for waiter in self._drain_waiters:
             if not waiter.done():
