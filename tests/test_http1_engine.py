@@ -209,3 +209,16 @@ async def test_permessage_deflate_is_negotiated_end_to_end(start_proxy, sa_key):
         assert negotiated and negotiated[0] is not None and "permessage-deflate" in negotiated[0]
     finally:
         await runner.cleanup()
+
+
+def test_the_proxy_never_imports_aiohttp():
+    # aiohttp is the tests' client and the fakes' server only: the proxy's own engine serves.
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, proxy.__main__, proxy.app, proxy.server, proxy.exchange;"
+        "print(sorted(m for m in sys.modules if m == 'aiohttp' or m.startswith('aiohttp.')))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=60)
+    assert out.stdout.strip() == "[]", out.stdout

@@ -52,6 +52,8 @@ MAX_FIELD_SIZE = 8190
 MAX_HEADERS = 128
 #: Unread request body bytes buffered before reading from the client pauses.
 BODY_HIGH_WATER = 64 * 1024
+#: The most read from a client socket at once, into one buffer all connections share.
+READ_SIZE = 64 * 1024
 #: Bytes waiting in the client's transport before writers are asked to wait (drain).
 WRITE_HIGH_WATER = 64 * 1024
 #: llhttp's own descriptions ("Invalid header value char"): words only, never the request's bytes.
@@ -338,7 +340,9 @@ class Response:
         if not data or self._head_only:
             return False
         if self._chunked:
-            data = b"%x\r\n%b\r\n" % (len(data), data)
+            size = b"%x\r\n" % len(data)
+            self.sent += len(size) + len(data) + 2
+            return self._conn.write_parts((size, data, b"\r\n"))
         self.sent += len(data)
         return self._conn.write_raw(data)
 
@@ -426,6 +430,8 @@ class ServerState:
         self.limits = limits
         self.loop = loop or asyncio.get_event_loop()
         self.connections: set[HTTP1Protocol] = set()
+        #: The read buffer every connection of this listener shares (see HTTP1Protocol).
+        self.read_buffer = memoryview(bytearray(READ_SIZE))
         self.accepting = True
         #: Connections refused for the cap since start.
         self.refused = 0
@@ -508,8 +514,22 @@ class _Refused(Exception):
         self.reason = reason
 
 
-class HTTP1Protocol(asyncio.Protocol):
-    """One client connection."""
+class _Nothing:
+    """What a lost connection parses with: nothing arrives any more (data_received is not called)."""
+
+
+#: A parser that holds no protocol: the one a connection has once it is lost.
+_LOST_PARSER: httptools.HttpRequestParser = httptools.HttpRequestParser(_Nothing())
+
+
+class HTTP1Protocol(asyncio.BufferedProtocol):
+    """One client connection.
+
+    A buffered protocol: the loop reads into the listener's one buffer and the
+    parser takes the bytes out at once, so a read is at most ``READ_SIZE`` (a
+    plain protocol gets whatever the loop reads, 256 KiB with uvloop, as a new
+    object each time): under many large uploads that was memory for nothing.
+    """
 
     def __init__(self, server: ServerState) -> None:
         self.server = server
@@ -564,6 +584,9 @@ class HTTP1Protocol(asyncio.Protocol):
     def connection_lost(self, exc: Exception | None) -> None:
         self.lost = True
         self.server.connections.discard(self)
+        # The parser holds this protocol's callbacks: without it the two would wait for the
+        # cyclic garbage collector, which runs rarely while serving (server.tune_gc).
+        self.parser = _LOST_PARSER
         self._cancel_timer()
         for waiter in self._drain_waiters:
             if not waiter.done():
@@ -603,13 +626,19 @@ class HTTP1Protocol(asyncio.Protocol):
         if self.tunnel is not None:
             self.tunnel.client_resume_writing()
 
-    def data_received(self, data: bytes) -> None:
+    def get_buffer(self, sizehint: int) -> memoryview:
+        return self.server.read_buffer
+
+    def buffer_updated(self, nbytes: int) -> None:
+        self.data_received(self.server.read_buffer[:nbytes])
+
+    def data_received(self, data: bytes | memoryview) -> None:
         if self.tunnel is not None:
-            self.tunnel.client_data(data)
+            self.tunnel.client_data(bytes(data))
             return
         if self._upgraded is not None:
             # Bytes after an upgrade request's head: the tunnel's, if there is one.
-            self._upgraded += data
+            self._upgraded += bytes(data)
             return
         if self._closing:
             return
@@ -637,7 +666,7 @@ class HTTP1Protocol(asyncio.Protocol):
             self.parser.feed_data(data)
         except httptools.HttpParserUpgrade as e:
             offset = e.args[0] if e.args and isinstance(e.args[0], int) else len(data)
-            self._upgraded = data[offset:]
+            self._upgraded = bytes(data[offset:])
             self.pause_reading("upgrade")
         except _Refused as e:
             self._dispatch(arrived, failed=True)
@@ -897,6 +926,14 @@ class HTTP1Protocol(asyncio.Protocol):
         if transport is None or transport.is_closing():
             raise ConnectionResetError("the client's connection is closing")
         transport.write(data)
+        return self._write_paused
+
+    def write_parts(self, parts: tuple[bytes, ...]) -> bool:
+        """write_raw for several pieces at once (a chunk and its framing), without joining them."""
+        transport = self.transport
+        if transport is None or transport.is_closing():
+            raise ConnectionResetError("the client's connection is closing")
+        transport.writelines(parts)
         return self._write_paused
 
     async def drain(self) -> None:

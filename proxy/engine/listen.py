@@ -35,7 +35,7 @@ _RESOURCE_ERRORS = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.E
 class Listener:
     """Listening sockets whose connections go to ``factory`` (a protocol factory)."""
 
-    def __init__(self, loop: asyncio.AbstractEventLoop, sockets: list[socket.socket], factory: Callable[[], asyncio.Protocol]) -> None:
+    def __init__(self, loop: asyncio.AbstractEventLoop, sockets: list[socket.socket], factory: Callable[[], asyncio.BaseProtocol]) -> None:
         self._loop = loop
         self._sockets = sockets
         self._factory = factory
@@ -111,7 +111,7 @@ class Listener:
 
     @classmethod
     def open(
-        cls, factory: Callable[[], asyncio.Protocol], host: str, port: int, *, backlog: int, loop: asyncio.AbstractEventLoop | None = None
+        cls, factory: Callable[[], asyncio.BaseProtocol], host: str, port: int, *, backlog: int, loop: asyncio.AbstractEventLoop | None = None
     ) -> Listener:
         """Bind ``host``:``port`` (every address of it) and start accepting; OSError if it cannot bind."""
         listener = cls(loop or asyncio.get_running_loop(), bind(host, port, backlog), factory)

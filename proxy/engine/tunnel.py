@@ -226,6 +226,11 @@ class Tunnel:
             self.done.set_result(None)
             if self._on_done is not None:
                 self._on_done(self)
+            # Both ends are closed: the references between them go, so nothing waits for the
+            # cyclic garbage collector (which runs rarely while serving: server.tune_gc).
+            self.upstream.tunnel = None
+            self.client.tunnel = None
+            self._on_done = None
 
 
 __all__ = ["BAD_GATEWAY", "GOING_AWAY", "FrameTracker", "Tunnel", "close_frame"]

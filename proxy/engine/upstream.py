@@ -231,6 +231,14 @@ class UpstreamConnection(asyncio.BufferedProtocol):
         await waiter
 
     def connection_lost(self, exc: Exception | None) -> None:
+        try:
+            self._lost(exc)
+        finally:
+            # The parser holds this protocol's callbacks: without it the two would wait
+            # for the cyclic garbage collector, which runs rarely while serving.
+            self.parser = None
+
+    def _lost(self, exc: Exception | None) -> None:
         self.closed = True
         self.transport = None
         for waiter in self._drain_waiters:

@@ -29,7 +29,6 @@ import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 
-from aiohttp import hdrs
 from multidict import CIMultiDict
 
 from ..config import Config, normalize_origin
@@ -42,7 +41,7 @@ log = logging.getLogger(__name__)
 LOCAL_HOSTS = frozenset({"localhost", "127.0.0.1", "[::1]"})
 
 _CROSS = frozenset({"cross-site", "same-site"})
-_NAVIGATION_METHODS = frozenset({hdrs.METH_GET, hdrs.METH_HEAD})
+_NAVIGATION_METHODS = frozenset({"GET", "HEAD"})
 _TOKEN = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+")
 _DNS_NAME = re.compile(r"[a-z0-9_-]+(\.[a-z0-9_-]+)+")
 _BAD_HOST_CHARS = re.compile(r"[\x00-\x20\x7f/\\?#]")
@@ -163,7 +162,7 @@ class Guard:
 
     def check_origin(self, method: str, host: str, headers: Mapping[str, str]) -> Verdict:
         """The cross-site policy for a request whose Host passed (``host`` as sent)."""
-        origin = headers.get(hdrs.ORIGIN)
+        origin = headers.get("Origin")
         site = headers.get("Sec-Fetch-Site")
         if origin is None and site is None:
             # Not a browser (curl, SDKs, servers), or a browser's own same-origin GET.
@@ -174,7 +173,7 @@ class Guard:
                 return PASS
             if lowered in self.origins:
                 # An allowed origin wins over Sec-Fetch-Site (another port is "same-site").
-                preflight = method == hdrs.METH_OPTIONS and hdrs.ACCESS_CONTROL_REQUEST_METHOD in headers
+                preflight = method == "OPTIONS" and "Access-Control-Request-Method" in headers
                 return Verdict(True, cors_origin=lowered, preflight=preflight)
             cross = f"Origin {_show(origin)}"
         elif site in _CROSS:
@@ -203,7 +202,7 @@ class Guard:
 
     def decide(self, method: str, headers: Mapping[str, str]) -> Verdict:
         """Every check, in order: Host, then Origin / Sec-Fetch-*."""
-        host = headers.get(hdrs.HOST)
+        host = headers.get("Host")
         verdict = self.check_host(host)
         if not verdict.allowed:
             return verdict
@@ -226,8 +225,8 @@ class Guard:
                 if name in headers:
                     del headers[name]
         if cors_origin is not None:
-            headers[hdrs.ACCESS_CONTROL_ALLOW_ORIGIN] = cors_origin
-            headers[hdrs.ACCESS_CONTROL_ALLOW_CREDENTIALS] = "true"
+            headers["Access-Control-Allow-Origin"] = cors_origin
+            headers["Access-Control-Allow-Credentials"] = "true"
         if self.origins:
             # The answer depends on Origin: caches must not hand one origin's to another.
             _add_vary(headers, "Origin")
@@ -243,11 +242,11 @@ def _is_own_origin(origin: str, host: str) -> bool:
 
 
 def _add_vary(headers: CIMultiDict[str], name: str) -> None:
-    existing = headers.get(hdrs.VARY)
+    existing = headers.get("Vary")
     if existing is None:
-        headers[hdrs.VARY] = name
+        headers["Vary"] = name
     elif name.lower() not in (v.strip().lower() for v in existing.split(",")) and existing.strip() != "*":
-        headers[hdrs.VARY] = f"{existing}, {name}"
+        headers["Vary"] = f"{existing}, {name}"
 
 
 def refusal(verdict: Verdict) -> ProxyError:
@@ -266,16 +265,16 @@ def preflight_headers(headers: Mapping[str, str]) -> CIMultiDict[str]:
     """
     out: CIMultiDict[str] = CIMultiDict(
         {
-            hdrs.ACCESS_CONTROL_MAX_AGE: PREFLIGHT_MAX_AGE,
-            hdrs.VARY: "Origin, Access-Control-Request-Method, Access-Control-Request-Headers",
+            "Access-Control-Max-Age": PREFLIGHT_MAX_AGE,
+            "Vary": "Origin, Access-Control-Request-Method, Access-Control-Request-Headers",
         }
     )
-    method = headers.get(hdrs.ACCESS_CONTROL_REQUEST_METHOD, "").strip()
+    method = headers.get("Access-Control-Request-Method", "").strip()
     if _TOKEN.fullmatch(method):
-        out[hdrs.ACCESS_CONTROL_ALLOW_METHODS] = method
-    requested = [h.strip() for h in headers.get(hdrs.ACCESS_CONTROL_REQUEST_HEADERS, "").split(",") if h.strip()]
+        out["Access-Control-Allow-Methods"] = method
+    requested = [h.strip() for h in headers.get("Access-Control-Request-Headers", "").split(",") if h.strip()]
     allowed = [h for h in requested if _TOKEN.fullmatch(h)]
     if allowed:
-        out[hdrs.ACCESS_CONTROL_ALLOW_HEADERS] = ", ".join(allowed)
+        out["Access-Control-Allow-Headers"] = ", ".join(allowed)
     # Allow-Origin and Allow-Credentials are added by finish_headers, like on every answer.
     return out

@@ -9,7 +9,6 @@ from __future__ import annotations
 from collections.abc import Iterable
 from urllib.parse import urlsplit
 
-from aiohttp import hdrs
 from multidict import CIMultiDict, CIMultiDictProxy
 
 #: RFC 9110 7.6.1 connection-specific fields (lower case), plus Proxy-Connection.
@@ -20,10 +19,10 @@ HOP_BY_HOP = frozenset(
 #: Response headers the upstream may not set: only the proxy grants CORS (guard.py
 #: removes them). Access-Control-Allow-Private-Network is among them: it is never sent.
 UPSTREAM_CORS = (
-    hdrs.ACCESS_CONTROL_ALLOW_ORIGIN,
-    hdrs.ACCESS_CONTROL_ALLOW_CREDENTIALS,
-    hdrs.ACCESS_CONTROL_ALLOW_METHODS,
-    hdrs.ACCESS_CONTROL_ALLOW_HEADERS,
+    "Access-Control-Allow-Origin",
+    "Access-Control-Allow-Credentials",
+    "Access-Control-Allow-Methods",
+    "Access-Control-Allow-Headers",
     "Access-Control-Allow-Private-Network",
 )
 
@@ -39,7 +38,7 @@ Headers = CIMultiDict[str] | CIMultiDictProxy[str]
 def connection_tokens(headers: Headers) -> set[str]:
     """Lower-cased header names listed in every Connection header."""
     names: set[str] = set()
-    for value in headers.getall(hdrs.CONNECTION, ()):
+    for value in headers.getall("Connection", ()):
         for token in value.split(","):
             token = token.strip().lower()
             if token:
@@ -106,12 +105,12 @@ def upstream_request_headers(
             kept.append((name, value))
     out: CIMultiDict[str] = CIMultiDict(kept)
     # Inject last: nothing above can have left a second copy of these.
-    out[hdrs.HOST] = host
+    out["Host"] = host
     if client_ip:
-        out[hdrs.X_FORWARDED_FOR] = client_ip
-    out[hdrs.X_FORWARDED_PROTO] = forwarded_proto
+        out["X-Forwarded-For"] = client_ip
+    out["X-Forwarded-Proto"] = forwarded_proto
     if forwarded_host:
-        out[hdrs.X_FORWARDED_HOST] = forwarded_host
+        out["X-Forwarded-Host"] = forwarded_host
     out[token_header] = f"Bearer {token}"
     return out
 
@@ -215,12 +214,12 @@ def rewrite_referer(value: str, *, proxy_host: str, upstream_origin: str, prefix
 
 def rewrite_same_origin(headers: CIMultiDict[str], *, proxy_host: str, upstream_origin: str, prefix: str, base_path: str) -> None:
     """Apply :func:`rewrite_origin` and :func:`rewrite_referer` to upstream-bound headers in place."""
-    origin = headers.get(hdrs.ORIGIN)
+    origin = headers.get("Origin")
     if origin is not None:
-        headers[hdrs.ORIGIN] = rewrite_origin(origin, proxy_host=proxy_host, upstream_origin=upstream_origin)
-    referer = headers.get(hdrs.REFERER)
+        headers["Origin"] = rewrite_origin(origin, proxy_host=proxy_host, upstream_origin=upstream_origin)
+    referer = headers.get("Referer")
     if referer is not None:
-        headers[hdrs.REFERER] = rewrite_referer(
+        headers["Referer"] = rewrite_referer(
             referer, proxy_host=proxy_host, upstream_origin=upstream_origin, prefix=prefix, base_path=base_path
         )
 
@@ -318,8 +317,8 @@ def rewrite_set_cookies(
     headers: CIMultiDict[str], *, upstream_host: str, prefix: str = "/", base_path: str = "", request_path: str = "/"
 ) -> None:
     """Apply :func:`rewrite_cookie_domain` and :func:`rewrite_cookie_path` to every ``Set-Cookie``, in place."""
-    cookies = headers.popall(hdrs.SET_COOKIE, [])
+    cookies = headers.popall("Set-Cookie", [])
     for cookie in cookies:
         cookie = rewrite_cookie_domain(cookie, upstream_host=upstream_host)
         cookie = rewrite_cookie_path(cookie, prefix=prefix, base_path=base_path, request_path=request_path)
-        headers.add(hdrs.SET_COOKIE, cookie)
+        headers.add("Set-Cookie", cookie)
