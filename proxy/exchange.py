@@ -65,7 +65,7 @@ from .errors import (
 )
 from .ops.logs import CLIENT_CLOSED_REQUEST, AccessLog
 from .ops.status import RequestStats
-from .policy.grpc import trailers_only
+from .policy import grpc
 from .policy.guard import Guard, preflight_headers, refusal
 from .policy.headers import rewrite_location, rewrite_same_origin, rewrite_set_cookies, upstream_request_headers
 from .policy.router import CompiledRoute, Router, split_target
@@ -312,7 +312,7 @@ class Exchange:
         head = H2RequestHead(stream, stream.remote)
         declared = head.headers.get("Content-Length")
         body = H2Body(stream, int(declared) if declared is not None and declared.isdigit() else None)
-        response = H2Response(stream, trailers_only if head.grpc else None)
+        response = H2Response(stream, grpc.refusal if head.grpc else None)
         await self.handle(head, cast(Body, body), cast(Response, response))
         await response.finish()
 
@@ -346,6 +346,7 @@ class Exchange:
 
         async def send(fresh: str | None) -> _H2Attempt:
             sent = fields if fresh is None else [(k, v) if k != r.header.encode() else (k, f"Bearer {fresh}".encode()) for k, v in fields]
+            attempt: _H2Attempt | None = None
             try:
                 async with asyncio.timeout(r.timeout):
                     upstream = await self.h2pool.open_stream(h2origin, sent, end_stream=not streamed and not upload)
@@ -355,12 +356,17 @@ class Exchange:
                     elif streamed:
                         attempt.sending = asyncio.ensure_future(pump_request(client, upstream))
                     attempt.took(await upstream.response)
-            except TimeoutError:
-                raise UpstreamTimeout(f"{route.name}: no response from {route.origin} within {r.timeout:g} s") from None
-            except H2UpstreamError as e:
-                raise UpstreamError(f"{route.name}: {e}") from None
-            except StreamReset as e:
-                raise UpstreamError(f"{route.name}: upstream {route.origin} reset the stream ({e})") from None
+            except BaseException as e:
+                # Whatever ends the wait (the client's cancel, the timeout) ends the upstream stream too.
+                if attempt is not None:
+                    attempt.release()
+                if isinstance(e, TimeoutError):
+                    raise UpstreamTimeout(f"{route.name}: no response from {route.origin} within {r.timeout:g} s") from None
+                if isinstance(e, H2UpstreamError):
+                    raise UpstreamError(f"{route.name}: {e}") from None
+                if isinstance(e, StreamReset) and client.reset is None:
+                    raise UpstreamError(f"{route.name}: upstream {route.origin} reset the stream ({e})") from None
+                raise
             return attempt
 
         attempt = await send(None)
@@ -400,6 +406,9 @@ class Exchange:
             # The upstream reset it: the client got the same RST_STREAM (link_resets).
             ctx.error = f"upstream {route.origin} reset the stream ({e})"
             response.finished = True
+        except BaseException:
+            attempt.release()
+            raise
         finally:
             if attempt.sending is not None:
                 if not attempt.sending.done():

@@ -113,6 +113,13 @@ class H2ServerConnection(Endpoint):
         if isinstance(event, h2.events.RequestReceived):
             self._request(event)
             return
+        if isinstance(event, h2.events.StreamReset):
+            stream = self.streams.get(event.stream_id)
+            super().handle_event(event)
+            if isinstance(stream, ServerStream) and stream.task is not None and not stream.task.done():
+                # The client cancelled: so is its handler, and with it the upstream stream.
+                stream.task.cancel()
+            return
         super().handle_event(event)
 
     def _request(self, event: h2.events.RequestReceived) -> None:

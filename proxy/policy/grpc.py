@@ -67,3 +67,8 @@ def trailers_only(http_status: int, reason: str, *, deadline: bool = False, cont
         (b"grpc-status", b"%d" % status_for(http_status, deadline=deadline)),
         (b"grpc-message", encode_message(reason)),
     ]
+
+
+def refusal(http_status: int, reason: str) -> list[tuple[bytes, bytes]]:
+    """The proxy's own refusal of a gRPC call; its one 504 is its own upstream timeout."""
+    return trailers_only(http_status, reason, deadline=http_status == 504)

@@ -11,7 +11,8 @@ token is UNAUTHENTICATED (its 401). Signatures are verified with
 Methods carry raw bytes (no protobuf code generation; grpcio passes bytes through
 when no serializer is given), under the service ``test.Echo``:
 
-- ``Unary``: echoes the request; trailing metadata ``caller`` (the token's email);
+- ``Unary``: echoes the request; initial metadata ``x-echo-initial``, trailing
+  metadata ``caller`` (the token's email) and ``x-echo-trailing-bin``;
   a request ``status:CODE:MESSAGE`` ends the call with that status and message.
 - ``ServerStream``: a request ``N:SIZE`` answers N messages of SIZE bytes.
 - ``ClientStream``: answers ``COUNT:TOTAL_BYTES`` of what it received.
@@ -48,6 +49,8 @@ class GrpcCall:
     checked_header: str | None = None
     claims: dict[str, Any] | None = None
     refused: grpc.StatusCode | None = None
+    #: Seconds left before the call's deadline when the method began (None: no deadline).
+    time_remaining: float | None = None
     cancelled: threading.Event = field(default_factory=threading.Event)
 
     def header(self, name: str) -> str | bytes | None:
@@ -211,9 +214,10 @@ class GrpcService:
     @staticmethod
     def _caller(context: grpc.ServicerContext, call: GrpcCall) -> None:
         claims = call.claims or {}
-        context.set_trailing_metadata((("caller", str(claims.get("email", ""))),))
+        context.set_trailing_metadata((("caller", str(claims.get("email", ""))), ("x-echo-trailing-bin", b"\xff\x00")))
 
     def _unary(self, request: bytes, context: grpc.ServicerContext, call: GrpcCall) -> bytes:
+        context.send_initial_metadata((("x-echo-initial", "initial"),))
         self._caller(context, call)
         if request.startswith(b"status:"):
             _, code, message = request.decode().split(":", 2)
@@ -245,5 +249,6 @@ class GrpcService:
         return b"done"
 
     def _sleep(self, request: bytes, context: grpc.ServicerContext, call: GrpcCall) -> bytes:
+        call.time_remaining = context.time_remaining()
         threading.Event().wait(int(request or b"0") / 1000)
         return b"slept"
