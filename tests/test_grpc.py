@@ -168,7 +168,7 @@ async def test_a_bidi_stream_keeps_flowing_across_token_refreshes(
 ) -> None:
     google.token_lifetime = 20
     proxy = await start_proxy(grpc_config(sa_key[0], grpc_service.url))
-    first = list(proxy.state.tokens.keys())[0]
+    first = next(iter(proxy.state.tokens.keys()))
     minted_before = proxy.state.tokens.status(first)["refreshes"]["ok"]
     stop = threading.Event()
 

@@ -233,35 +233,6 @@ def _events_until(sock: socket.socket, conn: h2.connection.H2Connection, kind: t
     return events
 
 
-async def test_flow_control_violation_gets_goaway(h2_relay: Relay) -> None:
-    def run() -> list[Any]:
-        sock, conn = _raw_h2_client(h2_relay.port)
-        _events_until(sock, conn, h2.events.RemoteSettingsChanged)
-        conn.send_headers(1, [(":method", "POST"), (":scheme", "http"), (":path", "/test.Echo/Wait"), (":authority", "x")])
-        sock.sendall(conn.data_to_send())
-        # A DATA frame far larger than the stream window (256 KiB), written raw.
-        payload = b"\0" * 16384
-        frame = struct.pack(">I", (len(payload) << 8) | 0x0)[0:4] + b"\x00" + struct.pack(">I", 1) + payload
-        for _ in range(40):
-            sock.sendall(frame)
-        return _events_until(sock, conn, h2.events.ConnectionTerminated)
-
-    events = await _in_thread(run)
-    terminated = [e for e in events if isinstance(e, h2.events.ConnectionTerminated)]
-    assert terminated and terminated[0].error_code == h2.errors.ErrorCodes.FLOW_CONTROL_ERROR
-
-
-async def test_preface_and_settings_ack(h2_relay: Relay) -> None:
-    def run() -> list[Any]:
-        sock, conn = _raw_h2_client(h2_relay.port)
-        return _events_until(sock, conn, h2.events.SettingsAcknowledged)
-
-    events = await _in_thread(run)
-    settings = next(e for e in events if isinstance(e, h2.events.RemoteSettingsChanged))
-    assert settings.changed_settings[h2.settings.SettingCodes.MAX_CONCURRENT_STREAMS].new_value == 1000
-    assert any(isinstance(e, h2.events.SettingsAcknowledged) for e in events)
-
-
 async def test_bad_preface_closes(h2_relay: Relay) -> None:
     def run() -> bytes:
         sock = socket.create_connection(("127.0.0.1", h2_relay.port), timeout=10)

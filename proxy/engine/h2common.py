@@ -32,6 +32,7 @@ import h2.errors
 import h2.events
 import h2.exceptions
 import h2.settings
+import hpack.exceptions
 
 from .http1 import PREFACE
 
@@ -299,7 +300,12 @@ class Endpoint(asyncio.Protocol):
         except h2.exceptions.ProtocolError as e:
             # h2 has queued a GOAWAY with the right error code: send it, then close.
             log.debug("HTTP/2 protocol error from the peer: %s", e)
-            self._write_out()
+            if isinstance(e.__cause__, hpack.exceptions.HPACKError) and self.transport is not None:
+                # RFC 9113 4.3: an undecodable header block is a COMPRESSION_ERROR (h2 says PROTOCOL_ERROR).
+                self.conn.clear_outbound_data_buffer()
+                self.transport.write(goaway_frame(self.conn.highest_inbound_stream_id, h2.errors.ErrorCodes.COMPRESSION_ERROR))
+            else:
+                self._write_out()
             self._lost(StreamReset(h2.errors.ErrorCodes.PROTOCOL_ERROR, f"HTTP/2 protocol error: {e}"))
             self._linger()
             return
