@@ -117,6 +117,12 @@ def serve_parser() -> argparse.ArgumentParser:
         help="serve health, readiness and metrics (never the proxy) on this port too (default: off)",
     )
     p.add_argument("--admin-host", metavar="HOST", help="address of the admin listener (default: 127.0.0.1; 0.0.0.0 for kubelet probes)")
+    p.add_argument(
+        "--no-watch",
+        action="store_true",
+        default=None,
+        help="with --config: do not reload when the file changes (SIGHUP still reloads)",
+    )
     p.add_argument("--version", action="version", version=f"idtoken-proxy {__version__}")
     return p
 
@@ -204,6 +210,8 @@ def build_config(args: argparse.Namespace, env: Mapping[str, str]) -> Config:
             logc["level"] = args.log_level
         if args.log_format:
             logc["format"] = args.log_format
+    if args.no_watch:
+        raw["watch"] = False
     admin = raw.setdefault("admin", {}) if isinstance(raw.get("admin", {}), dict) else raw["admin"]
     if isinstance(admin, dict):
         if args.admin_port is not None:
@@ -382,6 +390,15 @@ def cmd_serve(argv: Sequence[str], env: Mapping[str, str]) -> int:
         else:
             jobs = ()
         app = make_app(config, identities=identities, background=jobs)
+        reloader = None
+        if args.config:
+            # A reload reads the file again, with the same flags and environment over it.
+            from .reload import Reloader
+
+            def load(_path: str) -> Config:
+                return build_config(args, env)
+
+            reloader = Reloader(args.config, config, _no_apply, load=load, status=app.reload_status)
     except CredentialError as e:
         print(f"idtoken-proxy: {e}", file=sys.stderr)
         return EXIT_STARTUP
@@ -390,11 +407,15 @@ def cmd_serve(argv: Sequence[str], env: Mapping[str, str]) -> int:
     try:
         # Imports done and the app built: what exists now lives as long as the process.
         tune_gc()
-        _run(serve(app, config))
+        _run(serve(app, config, reloader, env))
     except StartupError as e:
         print(f"idtoken-proxy: {e}", file=sys.stderr)
         return EXIT_STARTUP
     return EXIT_OK
+
+
+async def _no_apply(config: Config, diff: Any) -> None:
+    raise AssertionError("serve() sets the reloader's apply")
 
 
 def _needs_resolving(config: Config) -> bool:

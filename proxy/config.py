@@ -151,6 +151,8 @@ class Config:
     log: Log = field(default_factory=Log)
     #: Seconds in-flight requests get to finish after SIGTERM.
     shutdown_timeout: float = 8.0
+    #: Reload when the config file changes (SIGHUP reloads either way).
+    watch: bool = True
     serve_project: ServeProject | None = None
     #: Seconds between re-listings in serve_project mode; 0: never.
     services_refresh: float = SERVICES_REFRESH
@@ -623,6 +625,7 @@ def parse_config(raw: Any, env: Mapping[str, str] | None = None) -> Config:
             top.error(f"allowed_origins[{i}]", problem)
     navigation = top.choice("cross_site_navigation", NAVIGATION_POLICIES, "allow")
     shutdown_timeout = top.number("shutdown_timeout", 8.0, 0)
+    watch = top.boolean("watch", True)
     refresh = top.number("services_refresh", SERVICES_REFRESH, 0)
     serve_project = None
     if top.has("serve_project"):
@@ -680,6 +683,7 @@ def parse_config(raw: Any, env: Mapping[str, str] | None = None) -> Config:
         limits=limits,
         log=log,
         shutdown_timeout=shutdown_timeout,
+        watch=watch,
         serve_project=serve_project,
         services_refresh=refresh,
     )

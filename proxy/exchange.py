@@ -113,6 +113,7 @@ class Exchange:
         pages: dict[str, Callable[[], Page]],
         pool: Pool | None = None,
         proxies: dict[str, UpstreamProxy | None] | None = None,
+        h2pool: H2Pool | None = None,
     ) -> None:
         self.config = config
         self.router = router
@@ -123,7 +124,7 @@ class Exchange:
         self.pages = pages
         self.pool = pool if pool is not None else Pool()
         #: HTTP/2 connections to upstreams, for requests that came over HTTP/2.
-        self.h2pool = H2Pool()
+        self.h2pool = h2pool if h2pool is not None else H2Pool()
         #: Each route's outbound proxy (HTTPS_PROXY/NO_PROXY), resolved once (envproxy.py).
         self.proxies: dict[str, UpstreamProxy | None] = (
             proxies if proxies is not None else {r.name: proxy_for(r.scheme, r.host, r.port) for r in router.routes}

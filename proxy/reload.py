@@ -27,7 +27,7 @@ import hashlib
 import logging
 import os
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, fields
 
 from .config import Config, ConfigError
@@ -200,16 +200,18 @@ class Reloader:
     """Validates a new config with the startup parser, then hands it to ``apply``.
 
     ``apply(new, diff)`` swaps the running state and may raise ConfigError (a
-    route whose credentials cannot be built); nothing changes then.
+    route whose credentials cannot be built); nothing changes then. Reloads
+    run one at a time, in the order they were asked for.
     """
 
     def __init__(
         self,
         path: str | None,
         current: Config,
-        apply: Callable[[Config, ConfigDiff], None],
+        apply: Callable[[Config, ConfigDiff], Awaitable[None]],
         *,
         load: Callable[[str], Config],
+        status: ReloadStatus | None = None,
         clock: Callable[[], float] = time.time,
     ) -> None:
         self.path = path
@@ -217,31 +219,45 @@ class Reloader:
         self.apply = apply
         self.load = load
         self.clock = clock
-        self.status = ReloadStatus()
+        self.status = status or ReloadStatus()
         self.watch: FileWatch | None = None
+        self._lock = asyncio.Lock()
+        self._tasks: set[asyncio.Task[bool]] = set()
 
     def start_watch(self, interval: float = POLL_INTERVAL) -> None:
         if self.path is None:
             return
-        self.watch = FileWatch(self.path, lambda: self.reload("file changed"), interval)
+        self.watch = FileWatch(self.path, lambda: self.trigger("file changed"), interval)
         self.watch.start()
+
+    def trigger(self, why: str) -> None:
+        """Reload soon (from a signal handler or the watch)."""
+        task = asyncio.get_running_loop().create_task(self.reload(why))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
 
     def stop(self) -> None:
         if self.watch is not None:
             self.watch.stop()
+        for task in self._tasks:
+            task.cancel()
 
-    def reload(self, why: str) -> bool:
+    async def reload(self, why: str) -> bool:
         """Reload now; True when a new config was applied."""
         if self.path is None:
             log.info("%s: nothing to reload (no config file: the command line's routes stay)", why)
             return False
+        async with self._lock:
+            return await self._reload(self.path, why)
+
+    async def _reload(self, path: str, why: str) -> bool:
         if self.watch is not None:
             self.watch.seen()
         started = time.perf_counter()
         try:
-            new = self.load(self.path)
+            new = self.load(path)
             diff = diff_configs(self.current, new)
-            self.apply(new, diff)
+            await self.apply(new, diff)
         except ConfigError as e:
             for problem in e.errors:
                 log.error("config reload (%s): %s", why, problem)

@@ -15,10 +15,12 @@ the process exits 0. A second signal exits at once.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import gc
 import logging
 import os
 import signal
+from collections.abc import Mapping
 from typing import Any
 
 from .app import App, make_admin_app
@@ -26,6 +28,8 @@ from .config import Config, is_loopback_host
 from .engine.h2server import H2Connections
 from .engine.http1 import ServerState, Service
 from .engine.listen import Listener
+from .ops.logs import setup_logging
+from .reload import ConfigDiff, Reloader
 
 log = logging.getLogger(__name__)
 
@@ -148,6 +152,17 @@ class ProxyServer:
             for addr in self.admin_listener.addresses:
                 log.info("admin listening on http://%s:%s (health, readiness, metrics)", *addr[:2])
 
+    async def reconfigure(self, config: Config, env: Mapping[str, str] | None = None) -> None:
+        """A reload: requests from now on take the new config's path; listen and admin stay."""
+        await self.app.reconfigure(config, env)
+        if self.main is not None:
+            self.main.service = self.app.exchange
+            # New connections get the new limits; connections open now keep theirs.
+            self.main.limits = config.limits
+        if config.log != self.config.log:
+            setup_logging(config.log.level, config.log.format)
+        self.config = dataclasses.replace(config, listen=self.config.listen, admin=self.config.admin)
+
     def begin_shutdown(self) -> None:
         """Phase 1: readiness turns 503 on both listeners, before anything closes."""
         assert self.state.readiness is not None
@@ -186,11 +201,28 @@ class ProxyServer:
         log.info("stopped")
 
 
-async def serve(app: App, config: Config) -> None:
-    """Serve until SIGINT or SIGTERM, then shut down gracefully. A second signal exits at once."""
+async def serve(app: App, config: Config, reloader: Reloader | None = None, env: Mapping[str, str] | None = None) -> None:
+    """Serve until SIGINT or SIGTERM, then shut down gracefully. A second signal exits at once.
+
+    SIGHUP, and a change to the config file (unless ``watch: false``), reload
+    the config through ``reloader`` (reload.py); without one there is nothing to reload.
+    """
     server = ProxyServer(app, config)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
+
+    if reloader is not None:
+
+        async def apply(new: Config, diff: ConfigDiff) -> None:
+            await server.reconfigure(new, env)
+
+        reloader.apply = apply
+
+    def on_hangup() -> None:
+        if reloader is None:
+            log.info("SIGHUP: nothing to reload (no config file: the command line's routes stay)")
+        else:
+            reloader.trigger("SIGHUP")
 
     def on_signal(signum: int) -> None:
         name = signal.Signals(signum).name
@@ -207,10 +239,16 @@ async def serve(app: App, config: Config) -> None:
     # Installed before startup, so a signal during startup still shuts down cleanly.
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, on_signal, sig)
+    loop.add_signal_handler(signal.SIGHUP, on_hangup)
     try:
         await server.start()
+        if reloader is not None and config.watch:
+            reloader.start_watch()
+            log.info("watching %s: a change is applied without a restart (SIGHUP too)", reloader.path)
         await stop.wait()
     finally:
+        if reloader is not None:
+            reloader.stop()
         await server.stop()
-        for sig in (signal.SIGINT, signal.SIGTERM):
+        for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
             loop.remove_signal_handler(sig)

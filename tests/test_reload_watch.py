@@ -155,17 +155,21 @@ def _write(path: Path, raw: dict[str, object]) -> None:
     path.write_text(yaml.safe_dump(raw))
 
 
-def test_reloader_applies_valid_and_keeps_old_on_error(tmp_path: Path, caplog: Any) -> None:
+async def test_reloader_applies_valid_and_keeps_old_on_error(tmp_path: Path, caplog: Any) -> None:
     from proxy.config import load_config
     from proxy.reload import Reloader
 
     path = tmp_path / "config.yaml"
     _write(path, _cfg())
     applied: list[tuple[Config, Any]] = []
-    r = Reloader(str(path), load_config(str(path), {}), lambda c, d: applied.append((c, d)), load=lambda p: load_config(p, {}), clock=lambda: 0.0)
+
+    async def apply(c: Config, d: Any) -> None:
+        applied.append((c, d))
+
+    r = Reloader(str(path), load_config(str(path), {}), apply, load=lambda p: load_config(p, {}), clock=lambda: 0.0)
 
     _write(path, {**_cfg(), "bogus_key": 1})
-    assert r.reload("SIGHUP") is False
+    assert await r.reload("SIGHUP") is False
     assert applied == [] and r.status.generation == 1
     assert r.status.summary() is not None and r.status.summary().startswith("failed at 1970-01-01T00:00:00Z: ")
     assert "bogus_key" in (r.status.last_reason or "")
@@ -175,7 +179,7 @@ def test_reloader_applies_valid_and_keeps_old_on_error(tmp_path: Path, caplog: A
     new = _cfg(listen={"port": 9191})
     new["routes"] = [{"name": "a", "prefix": "/a", "upstream": "http://127.0.0.1:9001"}]
     _write(path, new)
-    assert r.reload("SIGHUP") is True
+    assert await r.reload("SIGHUP") is True
     (config, diff), = applied
     assert [x.name for x in config.routes] == ["a"] and diff.removed == ("b",)
     assert r.status.generation == 2 and r.status.summary() == "ok at 1970-01-01T00:00:00Z"
@@ -184,25 +188,28 @@ def test_reloader_applies_valid_and_keeps_old_on_error(tmp_path: Path, caplog: A
     assert "config reload: listen.port: 8080 -> 9191 needs a restart; the rest is applied" in warnings
 
 
-def test_reloader_apply_refusing_keeps_generation(tmp_path: Path) -> None:
+async def test_reloader_apply_refusing_keeps_generation(tmp_path: Path) -> None:
     from proxy.config import ConfigError, load_config
     from proxy.reload import Reloader
 
     path = tmp_path / "config.yaml"
     _write(path, _cfg())
 
-    def refuse(c: Config, d: Any) -> None:
+    async def refuse(c: Config, d: Any) -> None:
         raise ConfigError(["routes[0].credentials: cannot be built"])
 
     r = Reloader(str(path), load_config(str(path), {}), refuse, load=lambda p: load_config(p, {}))
-    assert r.reload("file changed") is False
+    assert await r.reload("file changed") is False
     assert r.status.generation == 1 and r.status.last_reason == "routes[0].credentials: cannot be built"
 
 
-def test_quick_mode_has_nothing_to_reload(caplog: Any) -> None:
+async def test_quick_mode_has_nothing_to_reload(caplog: Any) -> None:
     from proxy.reload import Reloader
 
-    r = Reloader(None, parse_config(_cfg()), lambda c, d: None, load=lambda p: parse_config(_cfg()))
-    assert r.reload("SIGHUP") is False
+    async def apply(c: Config, d: Any) -> None:
+        raise AssertionError("nothing to apply")
+
+    r = Reloader(None, parse_config(_cfg()), apply, load=lambda p: parse_config(_cfg()))
+    assert await r.reload("SIGHUP") is False
     assert r.status.last_outcome is None
     assert any("nothing to reload" in rec.getMessage() for rec in caplog.records)

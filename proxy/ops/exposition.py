@@ -83,6 +83,10 @@ class _RequestCollector(Collector):
             "Proxied requests (and open websockets) being handled right now.",
         )
         info = GaugeMetricFamily("idtoken_proxy_build_info", "The running version.", labels=("version",))
+        reloads = CounterMetricFamily(
+            "idtoken_proxy_config_reloads", "Config reloads, by outcome (error: the old config kept serving).", labels=("outcome",)
+        )
+        generation = GaugeMetricFamily("idtoken_proxy_config_generation", "The config generation serving (1 at start, +1 per applied reload).")
         if read:
             created = created_series()
             for labels, count in m.requests.items():
@@ -99,7 +103,12 @@ class _RequestCollector(Collector):
                 bytes_out.add_metric((route,), c.bytes_out, created=c.created if created else None)
             in_flight.add_metric((), m.inflight())
             info.add_metric((__version__,), 1)
-        return [requests, latency, bytes_in, bytes_out, in_flight, info]
+            if m.reload_info is not None:
+                r = m.reload_info()
+                for outcome, n in r["reloads"].items():
+                    reloads.add_metric((outcome,), n)
+                generation.add_metric((), r["generation"])
+        return [requests, latency, bytes_in, bytes_out, in_flight, info, reloads, generation]
 
 
 class _TokenCollector(Collector):
@@ -107,7 +116,8 @@ class _TokenCollector(Collector):
 
     def __init__(self, metrics: ProxyMetrics) -> None:
         self._tokens = metrics.tokens
-        self._routes = list(metrics.routes)
+        # Read when scraped: a reload brings another generation's routes.
+        self._metrics = metrics
 
     def describe(self) -> Iterable[Metric]:
         return self._families()
@@ -132,7 +142,7 @@ class _TokenCollector(Collector):
             labels=("route",),
         )
         if read:
-            for name, key in self._routes:
+            for name, key in self._metrics.routes:
                 # A route shares its cache entry with every route of the same identity and
                 # audience: each route reports the entry's counts.
                 st = self._tokens.status(key)

@@ -27,7 +27,8 @@ class Readiness:
 
     def __init__(self, tokens: TokenCache, routes: list[tuple[str, TokenKey]]) -> None:
         self._tokens = tokens
-        self._routes = routes
+        #: (route name, token key) of every route; a reload sets the new generation's.
+        self.routes = routes
         self.shutting_down = False
 
     def begin_shutdown(self) -> None:
@@ -41,7 +42,7 @@ class Readiness:
         if self._tokens.ready():
             return []
         out = []
-        for name, key in self._routes:
+        for name, key in self.routes:
             if self._tokens.peek(key) is None:
                 error = self._tokens.status(key)["last_error"]
                 out.append(f"route {name}: no valid token yet" + (f" ({error})" if error else ""))

@@ -20,7 +20,7 @@ from __future__ import annotations
 import time
 from bisect import bisect_left
 from collections.abc import Callable, Sequence
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from ..auth.tokens import TokenCache, TokenKey
 
@@ -82,6 +82,8 @@ class ProxyMetrics:
     ) -> None:
         self.tokens = tokens
         self.routes = list(routes)
+        #: The config generation and reload counts (reload.py's ReloadStatus.as_json).
+        self.reload_info: Callable[[], dict[str, Any]] | None = None
         self.inflight = inflight
         #: (route, method or OTHER, status class) -> count, in the order first seen.
         self.requests: dict[tuple[str, str, str], RequestCount] = {}

@@ -101,8 +101,17 @@ class RequestStats:
 class StatusPage:
     """Builds the status document from the config, the routes, the token cache and the stats."""
 
-    def __init__(self, config: Config, routes: Sequence[CompiledRoute], tokens: TokenCache, stats: RequestStats) -> None:
+    def __init__(
+        self,
+        config: Config,
+        routes: Sequence[CompiledRoute],
+        tokens: TokenCache,
+        stats: RequestStats,
+        reload_info: Callable[[], dict[str, object]] | None = None,
+    ) -> None:
         self.config = config
+        #: The config generation and the last reload's outcome (reload.py).
+        self.reload_info = reload_info
         # Kept, not copied: the router's list, which a whole project's refresh updates.
         self.routes = routes
         self.tokens = tokens
@@ -152,6 +161,7 @@ class StatusPage:
                 "requests": self.stats.unrouted.requests,
                 "recent_errors": [e.as_dict() for e in reversed(self.stats.unrouted.errors)],
             },
+            **(self.reload_info() if self.reload_info is not None else {}),
         }
 
     def json_page(self) -> tuple[int, list[tuple[str, str]], bytes]:
@@ -236,6 +246,12 @@ def render_html(doc: dict[str, Any]) -> str:
         f"<h1>idtoken-proxy {_e(doc['version'])}</h1>\n"
         f"<p>Listening on <code>{_e(doc['listen'])}</code> &middot; status at {_e(doc['time'])} "
         f"&middot; <a href=\"status.json\">status.json</a></p>\n"
+        + (
+            f"<p>Configuration generation {_e(str(doc['generation']))}; last reload: {_e(str(doc.get('last_reload') or 'none'))}</p>\n"
+            if "generation" in doc
+            else ""
+        )
+        +
         "<table><tr><th>route</th><th>match</th><th>upstream</th><th>audience</th><th>identity</th>"
         "<th>token expires in</th><th>requests</th><th>recent errors</th></tr>\n"
         + "\n".join(rows)
