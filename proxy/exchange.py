@@ -48,6 +48,7 @@ from .engine.upstream import (
 )
 from .envproxy import UpstreamProxy, proxy_for
 from .errors import (
+    BadRequest,
     BodyTooLarge,
     FramingError,
     ProxyError,
@@ -516,8 +517,6 @@ async def _stream(body: Body, cap: int | None) -> AsyncIterator[bytes]:
 
 def _check_upgrade(headers: CIMultiDict[str]) -> None:
     """A malformed websocket upgrade is refused here, before a connection upstream is opened."""
-    from .errors import BadRequest
-
     key = headers.get("Sec-WebSocket-Key", "")
     if headers.get("Sec-WebSocket-Version", "") != "13" or len(key) != 24 or "upgrade" not in headers.get("Connection", "").lower():
         raise BadRequest("not a valid websocket upgrade request")
