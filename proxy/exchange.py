@@ -59,7 +59,7 @@ from .errors import (
 )
 from .ops.logs import CLIENT_CLOSED_REQUEST, AccessLog
 from .ops.status import RequestStats
-from .policy.guard import Guard, preflight_headers, refusal
+from .policy.guard import Guard, log_preflight, log_refusal, preflight_headers, refusal
 from .policy.headers import rewrite_location, rewrite_same_origin, rewrite_set_cookies, upstream_request_headers
 from .policy.router import CompiledRoute, Router, split_target
 from .websocket import agreed_handshake, handshake_headers, switching_headers
@@ -161,7 +161,7 @@ class Exchange:
         # 1. The browser guard runs first, before any token is fetched or upstream contacted.
         verdict = self.guard.decide(head.method, headers)
         if not verdict.allowed:
-            log.info("refused %s %s: %s", head.method, head.target.partition("?")[0][:200], verdict.reason)
+            log_refusal(head.method, head.target, verdict)
             error = refusal(verdict)
             ctx.error = error.reason
             out = CIMultiDict(error_headers(error))
@@ -171,12 +171,7 @@ class Exchange:
         ctx.cors_origin = verdict.cors_origin
         if verdict.preflight:
             ctx.preflight = True
-            log.debug(
-                "answered the CORS preflight for %s %s from %s",
-                headers.get("Access-Control-Request-Method", "")[:20],
-                head.target.partition("?")[0][:200],
-                verdict.cors_origin,
-            )
+            log_preflight(headers, head.target, verdict.cors_origin)
             self._send(ctx, 204, preflight_headers(headers), b"")
             return
 
