@@ -137,9 +137,10 @@ class Exchange:
         ctx = Context(head, body, response)
         self.inflight += 1
         try:
-            await self._serve(ctx, body)
-        except ProxyError as e:
-            self.fail(ctx, e)
+            try:
+                await self._serve(ctx, body)
+            except ProxyError as e:
+                self.fail(ctx, e)
         except (asyncio.CancelledError, ConnectionError):
             if not response.client_gone:
                 raise
@@ -261,6 +262,10 @@ class Exchange:
                 return await self.pool.exchange(
                     origin, data, loop.time() + r.timeout, body=upload, chunked=chunked, head_only=head_only, upgrade=upgrade
                 )
+            except ConnectionError as e:
+                if ctx.response.client_gone:
+                    raise  # the client's body broke off: the client left, not the upstream
+                raise upstream_error(route, e) from None
             except TimeoutError:
                 if upgrade:
                     raise UpstreamTimeout(f"{route.name}: no websocket handshake from {route.origin} within {r.timeout:g} s") from None
