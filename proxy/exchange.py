@@ -55,6 +55,7 @@ from .engine.upstream import (
 )
 from .envproxy import UpstreamProxy, proxy_for
 from .errors import (
+    BadRequest,
     BodyTooLarge,
     FramingError,
     ProxyError,
@@ -66,7 +67,7 @@ from .errors import (
 from .ops.logs import CLIENT_CLOSED_REQUEST, AccessLog
 from .ops.status import RequestStats
 from .policy import grpc
-from .policy.guard import Guard, preflight_headers, refusal
+from .policy.guard import Guard, log_preflight, log_refusal, preflight_headers, refusal
 from .policy.headers import rewrite_location, rewrite_same_origin, rewrite_set_cookies, upstream_request_headers
 from .policy.router import CompiledRoute, Router, split_target
 from .websocket import agreed_handshake, handshake_headers, switching_headers
@@ -150,9 +151,10 @@ class Exchange:
         ctx = Context(head, body, response)
         self.inflight += 1
         try:
-            await self._serve(ctx, body)
-        except ProxyError as e:
-            self.fail(ctx, e)
+            try:
+                await self._serve(ctx, body)
+            except ProxyError as e:
+                self.fail(ctx, e)
         except (asyncio.CancelledError, ConnectionError):
             if not response.client_gone:
                 raise
@@ -174,7 +176,7 @@ class Exchange:
         # 1. The browser guard runs first, before any token is fetched or upstream contacted.
         verdict = self.guard.decide(head.method, headers)
         if not verdict.allowed:
-            log.info("refused %s %s: %s", head.method, head.target.partition("?")[0][:200], verdict.reason)
+            log_refusal(head.method, head.target, verdict)
             error = refusal(verdict)
             ctx.error = error.reason
             out = CIMultiDict(error_headers(error))
@@ -184,12 +186,7 @@ class Exchange:
         ctx.cors_origin = verdict.cors_origin
         if verdict.preflight:
             ctx.preflight = True
-            log.debug(
-                "answered the CORS preflight for %s %s from %s",
-                headers.get("Access-Control-Request-Method", "")[:20],
-                head.target.partition("?")[0][:200],
-                verdict.cors_origin,
-            )
+            log_preflight(headers, head.target, verdict.cors_origin)
             self._send(ctx, 204, preflight_headers(headers), b"")
             return
 
@@ -285,6 +282,10 @@ class Exchange:
                 return await self.pool.exchange(
                     origin, data, loop.time() + r.timeout, body=upload, chunked=chunked, head_only=head_only, upgrade=upgrade
                 )
+            except ConnectionError as e:
+                if ctx.response.client_gone:
+                    raise  # the client's body broke off: the client left, not the upstream
+                raise upstream_error(route, e) from None
             except TimeoutError:
                 if upgrade:
                     raise UpstreamTimeout(f"{route.name}: no websocket handshake from {route.origin} within {r.timeout:g} s") from None
@@ -684,8 +685,6 @@ async def _stream(body: Body, cap: int | None) -> AsyncIterator[bytes]:
 
 def _check_upgrade(headers: CIMultiDict[str]) -> None:
     """A malformed websocket upgrade is refused here, before a connection upstream is opened."""
-    from .errors import BadRequest
-
     key = headers.get("Sec-WebSocket-Key", "")
     if headers.get("Sec-WebSocket-Version", "") != "13" or len(key) != 24 or "upgrade" not in headers.get("Connection", "").lower():
         raise BadRequest("not a valid websocket upgrade request")

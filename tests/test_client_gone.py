@@ -335,3 +335,18 @@ async def test_a_body_written_to_a_closed_connection_keeps_the_status(uncancelle
     samples = await metrics(port)
     assert requests_by_class(samples) == {"2xx": 1.0}
 
+
+
+async def test_an_upload_cut_off_without_cancellation_is_logged_499_and_no_error(uncancelled_proxy, private_service, caplog):
+    # The handler learns of the lost client from its body: not an upstream failure, not a server error.
+    port, server, state = uncancelled_proxy
+    conn = await RawConnection.open(port)
+    await conn.send(b"POST /upload HTTP/1.1\r\nHost: localhost\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n")
+    await eventually(lambda: any(r.raw_path == "/upload" for r in private_service.requests), "the upload upstream")
+    await leave(conn, reset=True)
+    records = await settled(caplog, server, lambda: state.forwarder.inflight)
+    assert len(records) == 1, [r.getMessage() for r in records]
+    line = parsed(records[0])
+    assert (line["method"], line["path"], line["status"], line["note"]) == ("POST", "/upload", "499", " (client gone)")
+    # (The fake upstream's aiohttp server logs its own aborted upload at ERROR: not the proxy's.)
+    assert not [r for r in caplog.records if r.levelno >= logging.ERROR and r.name.startswith("proxy")], caplog.text

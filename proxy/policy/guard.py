@@ -249,6 +249,20 @@ def _add_vary(headers: CIMultiDict[str], name: str) -> None:
         headers["Vary"] = f"{existing}, {name}"
 
 
+def log_refusal(method: str, target: str, verdict: Verdict) -> None:
+    """The guard's INFO line for a request it refused (the path without its query, bounded)."""
+    log.info("refused %s %s: %s", method, target.partition("?")[0][:200], verdict.reason)
+
+
+def log_preflight(headers: Mapping[str, str], target: str, origin: str | None) -> None:
+    log.debug(
+        "answered the CORS preflight for %s %s from %s",
+        headers.get("Access-Control-Request-Method", "")[:20],
+        target.partition("?")[0][:200],
+        origin,
+    )
+
+
 def refusal(verdict: Verdict) -> ProxyError:
     """The error a refused verdict is answered with."""
     if verdict.status == 400:
