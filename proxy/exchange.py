@@ -85,7 +85,7 @@ _BODY_METHODS = frozenset({"POST", "PUT", "PATCH"})
 class Context:
     """What one request's path learns on the way, for the access line and the status page."""
 
-    __slots__ = ("body", "cors_origin", "error", "gone", "head", "preflight", "response", "route", "started", "upstream_seconds")
+    __slots__ = ("body", "cors_origin", "error", "gone", "grpc_status", "head", "preflight", "response", "route", "started", "upstream_seconds")
 
     def __init__(self, head: RequestHead, body: Body, response: Response) -> None:
         self.head = head
@@ -97,6 +97,8 @@ class Context:
         self.cors_origin: str | None = None
         self.preflight = False
         self.gone = False
+        #: A gRPC call's outcome, from the upstream's trailers (or the proxy's own refusal).
+        self.grpc_status: str | None = None
         self.started = time.perf_counter()
 
 
@@ -311,6 +313,7 @@ class Exchange:
 
     async def handle_h2(self, stream: ServerStream) -> None:
         """Serve one HTTP/2 stream: the same path as any request, to the upstream over HTTP/2."""
+        self.stats.http2_streams += 1
         head = H2RequestHead(stream, stream.remote)
         declared = head.headers.get("Content-Length")
         body = H2Body(stream, int(declared) if declared is not None and declared.isdigit() else None)
@@ -393,10 +396,13 @@ class Exchange:
                 # A trailers-only answer (a gRPC error) stays one HEADERS frame with END_STREAM.
                 await upstream.read()
                 client.send_headers(response_headers(status, headers.items()), end_stream=True)
+                trailers: list[tuple[bytes, bytes]] | None = attempt.head
             else:
                 client.send_headers(response_headers(status, headers.items()))
-                sent = await pump_response(upstream, client)
+                sent, trailers = await pump_response(upstream, client)
                 response.sent += sent
+            if head.grpc and trailers is not None:
+                ctx.grpc_status = next((v.decode("latin-1") for k, v in trailers if k == b"grpc-status"), None)
             response.finished = True
             if attempt.sending is not None and not attempt.sending.done():
                 # Answered in full before the request ended (a gRPC server may): stop the upload.
@@ -600,6 +606,7 @@ class Exchange:
             head.version,
             head.headers.get("User-Agent"),
             gone,
+            ctx.grpc_status or (response.grpc_status if isinstance(response, H2Response) else None),
         )
 
     def refused(self, head: RequestHead | None, response: Response | None, status: int, reason: str, sent: int) -> None:

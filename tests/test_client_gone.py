@@ -149,7 +149,7 @@ async def test_a_client_leaving_before_the_head_is_logged_499(start_proxy, sa_ke
 
     samples = await metrics(proxy.port)
     assert requests_by_class(samples) == {"4xx": 1.0}
-    assert value(samples, "idtoken_proxy_requests_total", route=ROUTE, method="GET", status_class="4xx") == 1.0
+    assert value(samples, "idtoken_proxy_requests_total", route=ROUTE, method="GET", status_class="4xx", protocol="HTTP/1.1") == 1.0
     assert value(samples, "idtoken_proxy_response_bytes_total", route=ROUTE) == 0.0
     assert value(samples, "idtoken_proxy_request_body_bytes_total", route=ROUTE) == len(body)
     assert value(samples, "idtoken_proxy_upstream_latency_seconds_count", route=ROUTE) == 0.0
@@ -169,7 +169,7 @@ async def test_a_client_leaving_mid_upload_is_logged_499_with_the_body_bytes_rec
     http = json_line(records[0])["httpRequest"]
     assert http["status"] == 499 and http["requestSize"] == "5"
     samples = await metrics(proxy.port)
-    assert value(samples, "idtoken_proxy_requests_total", route=ROUTE, method="POST", status_class="4xx") == 1.0
+    assert value(samples, "idtoken_proxy_requests_total", route=ROUTE, method="POST", status_class="4xx", protocol="HTTP/1.1") == 1.0
     assert value(samples, "idtoken_proxy_request_body_bytes_total", route=ROUTE) == 5.0
 
 

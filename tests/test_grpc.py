@@ -16,6 +16,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import aiohttp
 import grpc
 import pytest
 
@@ -278,3 +279,25 @@ async def test_the_services_own_401_passes_through(proxy: Any, grpc_service: Grp
     code, message = await in_thread(call)
     assert code == grpc.StatusCode.UNAUTHENTICATED
     assert message.startswith("401 Unauthorized: wrong audience")
+
+
+# --------------------------------------------------------------------------- operations
+
+
+async def test_access_line_metrics_and_status_count_http2_streams(proxy: Any, caplog: Any) -> None:
+    def calls() -> None:
+        with channel(proxy.port) as ch:
+            ch.unary_unary(METHOD + "Unary")(b"ok", timeout=10)
+            rpc_error(lambda: ch.unary_unary(METHOD + "Unary")(b"status:NOT_FOUND:nope", timeout=10))
+
+    await in_thread(calls)
+    lines = [r.getMessage() for r in caplog.records if r.name == "idtoken_proxy.access"]
+    # One line per stream: method, path, protocol, HTTP status and grpc-status.
+    assert any('"POST /test.Echo/Unary" HTTP/2 200 grpc-status 0 ' in line for line in lines), lines
+    assert any('"POST /test.Echo/Unary" HTTP/2 200 grpc-status 5 ' in line for line in lines), lines
+    async with aiohttp.ClientSession() as s:
+        async with s.get(f"{proxy.url}/.proxy/metrics") as r:
+            text = await r.text()
+        assert 'idtoken_proxy_requests_total{method="POST",protocol="HTTP/2",route=' in text
+        async with s.get(f"{proxy.url}/.proxy/status.json") as r:
+            assert (await r.json())["http2_streams"] == 2

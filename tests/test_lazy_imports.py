@@ -120,7 +120,7 @@ def test_static_token_proxy_loads_neither_google_auth_nor_prometheus_until_scrap
     samples = {
         (s.name, tuple(sorted(s.labels.items()))): s.value for f in text_string_to_metric_families(text) for s in f.samples
     }
-    key = ("idtoken_proxy_requests_total", (("method", "GET"), ("route", "svc"), ("status_class", "2xx")))
+    key = ("idtoken_proxy_requests_total", (("method", "GET"), ("protocol", "HTTP/1.1"), ("route", "svc"), ("status_class", "2xx")))
     assert samples[key] == 1
     assert samples[("idtoken_proxy_upstream_latency_seconds_count", (("route", "svc"),))] == 1
     assert samples[("idtoken_proxy_token_valid", (("route", "svc"),))] == 1

@@ -174,7 +174,7 @@ async def test_websocket_and_stream_survive_five_reloads(stack: Stack) -> None:
     proxy = await stack.start(stack.config_a())
     async with aiohttp.ClientSession() as s:
         ws = await s.ws_connect(f"{proxy.url}/ws")
-        async with s.get(f"{proxy.url}/events?count=12&interval=0.5") as stream:
+        async with s.get(f"{proxy.url}/sse?n=12&interval=0.5") as stream:
             assert stream.status == 200
             for i in range(5):
                 _write(stack.path, stack.config_b() if i % 2 == 0 else stack.config_a())

@@ -76,7 +76,7 @@ async def test_metrics_parse_and_move_with_requests(running) -> None:  # type: i
                 return parse(await resp.text())
 
         before = await scrape()
-        assert value(before, "idtoken_proxy_requests_total", route="api", method="GET", status_class="2xx") == 0
+        assert value(before, "idtoken_proxy_requests_total", route="api", method="GET", status_class="2xx", protocol="HTTP/1.1") == 0
         assert value(before, "idtoken_proxy_requests_in_flight") == 0
         assert value(before, "idtoken_proxy_build_info", version="0.1.0") == 1
 
@@ -99,16 +99,16 @@ async def test_metrics_parse_and_move_with_requests(running) -> None:  # type: i
 
         async def counted() -> bool:
             a = await scrape()
-            return value(a, "idtoken_proxy_requests_total", route="-", method="OTHER", status_class="4xx") == 1
+            return value(a, "idtoken_proxy_requests_total", route="-", method="OTHER", status_class="4xx", protocol="HTTP/1.1") == 1
 
         await eventually(counted, "the last request to be counted")
         after = await scrape()
-        assert value(after, "idtoken_proxy_requests_total", route="api", method="GET", status_class="2xx") == 2
-        assert value(after, "idtoken_proxy_requests_total", route="api", method="POST", status_class="2xx") == 1
-        assert value(after, "idtoken_proxy_requests_total", route="api", method="OTHER", status_class="4xx") == 1
-        assert value(after, "idtoken_proxy_requests_total", route="other", method="GET", status_class="5xx") == 1
-        assert value(after, "idtoken_proxy_requests_total", route="-", method="GET", status_class="4xx") == 1
-        assert value(after, "idtoken_proxy_requests_total", route="-", method="OTHER", status_class="4xx") == 1
+        assert value(after, "idtoken_proxy_requests_total", route="api", method="GET", status_class="2xx", protocol="HTTP/1.1") == 2
+        assert value(after, "idtoken_proxy_requests_total", route="api", method="POST", status_class="2xx", protocol="HTTP/1.1") == 1
+        assert value(after, "idtoken_proxy_requests_total", route="api", method="OTHER", status_class="4xx", protocol="HTTP/1.1") == 1
+        assert value(after, "idtoken_proxy_requests_total", route="other", method="GET", status_class="5xx", protocol="HTTP/1.1") == 1
+        assert value(after, "idtoken_proxy_requests_total", route="-", method="GET", status_class="4xx", protocol="HTTP/1.1") == 1
+        assert value(after, "idtoken_proxy_requests_total", route="-", method="OTHER", status_class="4xx", protocol="HTTP/1.1") == 1
         # Only requests that reached the upstream have an upstream latency.
         assert value(after, "idtoken_proxy_upstream_latency_seconds_count", route="api") == 4
         assert value(after, "idtoken_proxy_upstream_latency_seconds_count", route="other") == 1
@@ -126,7 +126,7 @@ async def test_metrics_parse_and_move_with_requests(running) -> None:  # type: i
 
         # The main listener serves the same registry.
         main_view = await scrape(main)
-        assert value(main_view, "idtoken_proxy_requests_total", route="api", method="GET", status_class="2xx") == 2
+        assert value(main_view, "idtoken_proxy_requests_total", route="api", method="GET", status_class="2xx", protocol="HTTP/1.1") == 2
 
         # In flight: one slow request held open by the test.
         slow = asyncio.ensure_future(s.get(main + "/api/slow"))
@@ -176,6 +176,6 @@ def test_each_app_has_its_own_registry(monkeypatch: pytest.MonkeyPatch) -> None:
     assert len(registries) == 3
     first: ProxyMetrics = apps[0][STATE].metrics  # type: ignore[assignment]
     first.observe("api", "GET", 200, 0, 10, 0.01)
-    assert value(parse(first.render().decode()), "idtoken_proxy_requests_total", route="api", method="GET", status_class="2xx") == 1
+    assert value(parse(first.render().decode()), "idtoken_proxy_requests_total", route="api", method="GET", status_class="2xx", protocol="HTTP/1.1") == 1
     second: ProxyMetrics = apps[1][STATE].metrics  # type: ignore[assignment]
-    assert value(parse(second.render().decode()), "idtoken_proxy_requests_total", route="api", method="GET", status_class="2xx") == 0
+    assert value(parse(second.render().decode()), "idtoken_proxy_requests_total", route="api", method="GET", status_class="2xx", protocol="HTTP/1.1") == 0

@@ -33,8 +33,8 @@ async def pump_request(client: ServerStream, upstream: Stream) -> None:
             return
 
 
-async def pump_response(upstream: Stream, client: ServerStream) -> int:
-    """Upstream -> client, after the response head (already filtered) went out; the body bytes sent."""
+async def pump_response(upstream: Stream, client: ServerStream) -> tuple[int, Headers | None]:
+    """Upstream -> client, after the response head (already filtered) went out: (body bytes, trailers)."""
     sent = 0
     while True:
         kind, value = await upstream.read()
@@ -44,10 +44,10 @@ async def pump_response(upstream: Stream, client: ServerStream) -> int:
             sent += len(value)
         elif kind == "trailers":
             client.send_trailers(value)
-            return sent
+            return sent, value
         else:
             client.end()
-            return sent
+            return sent, None
 
 
 def link_resets(client: ServerStream, upstream: Stream) -> None:

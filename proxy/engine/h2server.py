@@ -314,7 +314,7 @@ class H2Response:
     single HEADERS block a gRPC client reads its status from.
     """
 
-    __slots__ = ("_body", "finished", "keep_alive", "reason", "refuse", "sent", "started", "status", "stream")
+    __slots__ = ("_body", "finished", "grpc_status", "keep_alive", "reason", "refuse", "sent", "started", "status", "stream")
 
     def __init__(self, stream: ServerStream, refuse: Callable[[int, str], Headers] | None = None) -> None:
         self.stream = stream
@@ -326,6 +326,8 @@ class H2Response:
         self.started = False
         self.finished = False
         self._body = b""
+        #: The grpc-status of a refusal sent as a gRPC answer.
+        self.grpc_status: str | None = None
 
     @property
     def client_gone(self) -> bool:
@@ -339,7 +341,9 @@ class H2Response:
         self.status, self.reason, self.started = status, reason, True
         if self.refuse is not None and status >= 400:
             lines = body.decode("utf-8", "replace").strip().splitlines()
-            self.stream.send_headers(self.refuse(status, lines[0] if lines else reason), end_stream=True)
+            fields = self.refuse(status, lines[0] if lines else reason)
+            self.grpc_status = next((v.decode("latin-1") for k, v in fields if k == b"grpc-status"), None)
+            self.stream.send_headers(fields, end_stream=True)
             self.finished = True
             return
         out = [(n, v) for n, v in headers if n.lower() != "content-length"]

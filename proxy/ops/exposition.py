@@ -60,8 +60,8 @@ class _RequestCollector(Collector):
         m = self._metrics
         requests = CounterMetricFamily(
             "idtoken_proxy_requests",
-            "Requests answered, by route, method and status class (route '-' when no route matched).",
-            labels=("route", "method", "status_class"),
+            "Requests answered (an HTTP/2 stream is one), by route, method, status class and protocol (route '-' when no route matched).",
+            labels=("route", "method", "status_class", "protocol"),
         )
         latency = HistogramMetricFamily(
             "idtoken_proxy_upstream_latency_seconds",

@@ -48,7 +48,14 @@ class RequestObserver(Protocol):
     """Receives one call per proxied request, after the response is sent (the metrics)."""
 
     def observe(
-        self, route: str, method: str, status: int, bytes_in: int, bytes_out: int, upstream_seconds: float | None
+        self,
+        route: str,
+        method: str,
+        status: int,
+        bytes_in: int,
+        bytes_out: int,
+        upstream_seconds: float | None,
+        http_major: int = 1,
     ) -> None: ...
 
 
@@ -299,11 +306,12 @@ class AccessLog:
         version: tuple[int, int] = (1, 1),
         agent: str | None = None,
         gone: bool = False,
+        grpc_status: str | None = None,
     ) -> None:
         path = raw_path if self.include_query else raw_path.partition("?")[0]
         observer = self.observer
         if observer is not None and not path.startswith(_OWN_PAGES):
-            observer.observe(route, method, status, bytes_in, bytes_out, upstream)
+            observer.observe(route, method, status, bytes_in, bytes_out, upstream, version[0])
         logger = self.logger
         if not logger.isEnabledFor(logging.INFO):
             return
@@ -316,7 +324,10 @@ class AccessLog:
             method = redact(method)
         upstream_text = f" upstream {upstream * 1000:.1f}ms" if upstream is not None else ""
         note = f" {CLIENT_GONE_NOTE}" if gone else ""
-        message = f'{route} "{method} {path}" {status} {bytes_out}B {seconds * 1000:.1f}ms{upstream_text}{note}'
+        # An HTTP/2 stream says so, and a gRPC call's outcome is its grpc-status, not its HTTP 200.
+        proto = " HTTP/2" if version[0] == 2 else ""
+        grpc = "" if grpc_status is None else f" grpc-status {grpc_status}"
+        message = f'{route} "{method} {path}"{proto} {status}{grpc} {bytes_out}B {seconds * 1000:.1f}ms{upstream_text}{note}'
         direct = _direct_handler(logger)
         if direct is not None:
             # The command line's logging, as setup_logging made it: the line its formatter

@@ -85,22 +85,30 @@ class ProxyMetrics:
         #: The config generation and reload counts (reload.py's ReloadStatus.as_json).
         self.reload_info: Callable[[], dict[str, Any]] | None = None
         self.inflight = inflight
-        #: (route, method or OTHER, status class) -> count, in the order first seen.
-        self.requests: dict[tuple[str, str, str], RequestCount] = {}
+        #: (route, method or OTHER, status class, protocol) -> count, in the order first seen.
+        self.requests: dict[tuple[str, str, str, str], RequestCount] = {}
         #: Route name ("-" when no route matched) -> its counts, in the order first seen.
         self.by_route: dict[str, RouteCounts] = {}
         # Both counters of a (route, method, status // 100), so a request costs one lookup.
-        self._children: dict[tuple[str, str, int], tuple[RequestCount, RouteCounts]] = {}
+        self._children: dict[tuple[str, str, int, int], tuple[RequestCount, RouteCounts]] = {}
         self._registry: CollectorRegistry | None = None
 
     def observe(
-        self, route: str, method: str, status: int, bytes_in: int, bytes_out: int, upstream_seconds: float | None
+        self,
+        route: str,
+        method: str,
+        status: int,
+        bytes_in: int,
+        bytes_out: int,
+        upstream_seconds: float | None,
+        http_major: int = 1,
     ) -> None:
-        """Count one request; ``upstream_seconds`` is None when nothing was asked upstream."""
-        key = (route, method, status // 100)
+        """Count one request (an HTTP/2 stream is one); ``upstream_seconds`` is None when nothing was asked upstream."""
+        key = (route, method, status // 100, http_major)
         children = self._children.get(key)
         if children is None:
-            label = (route, method if method in METHODS else "OTHER", _CLASSES.get(status // 100, "other"))
+            protocol = "HTTP/2" if http_major == 2 else "HTTP/1.1"
+            label = (route, method if method in METHODS else "OTHER", _CLASSES.get(status // 100, "other"), protocol)
             count = self.requests.get(label)
             if count is None:
                 count = self.requests[label] = RequestCount()

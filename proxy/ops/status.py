@@ -74,6 +74,8 @@ class RequestStats:
     def __init__(self, route_names: Iterable[str]) -> None:
         self._by_route = {name: _Counts() for name in route_names}
         self.unrouted = _Counts()
+        #: HTTP/2 streams served (each is also counted as a request of its route).
+        self.http2_streams = 0
 
     def counts(self, name: str) -> _Counts:
         return self._by_route.get(name, self.unrouted)
@@ -161,6 +163,7 @@ class StatusPage:
                 "requests": self.stats.unrouted.requests,
                 "recent_errors": [e.as_dict() for e in reversed(self.stats.unrouted.errors)],
             },
+            "http2_streams": self.stats.http2_streams,
             **(self.reload_info() if self.reload_info is not None else {}),
         }
 
