@@ -170,12 +170,6 @@ def upgrade(port: int, extensions: str) -> bytes:
     ).encode()
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="today the proxy terminates the websocket on both sides: it offers no extension upstream "
-    "(ws_connect without compress) and refuses it to the client (WebSocketResponse(compress=False)), "
-    "so the 101 carries no Sec-WebSocket-Extensions",
-)
 async def test_permessage_deflate_is_negotiated_end_to_end(proxy, client, ws_upstream):
     offer = "permessage-deflate; client_max_window_bits"
     conn = await RawConnection.open(proxy.port)
