@@ -198,6 +198,7 @@ async def slow_download(port: int, target: str, expected: int, *, read_size: int
 
 
 @pytest.mark.timeout(300)
+@pytest.mark.soak  # bounded load: everyday runs skip it, .ci/run runs it
 async def test_slow_client_download_keeps_the_proxy_rss_flat(tmp_path, sa_key, fake_google):
     with PrivateService(certs_url=fake_google.certs_url) as service:
         proxy = await start_cli(tmp_path, sa_config(sa_key[0], service.url))
@@ -215,6 +216,7 @@ async def test_slow_client_download_keeps_the_proxy_rss_flat(tmp_path, sa_key, f
 
 
 @pytest.mark.timeout(300)
+@pytest.mark.soak  # bounded load: everyday runs skip it, .ci/run runs it
 async def test_slow_upstream_upload_keeps_the_proxy_rss_flat(tmp_path):
     async with SlowReader(read_size=16384, pause=0.001) as upstream:
         proxy = await start_cli(tmp_path, static_config(upstream.url), ENGINE_TEST_TOKEN=mint_jwt(upstream.url))

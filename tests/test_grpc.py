@@ -164,6 +164,7 @@ async def test_client_deadline_is_deadline_exceeded_and_passes_upstream(proxy: A
     assert remaining is not None and 0 < remaining <= 0.5
 
 
+@pytest.mark.soak  # bounded load: everyday runs skip it, .ci/run runs it
 async def test_a_bidi_stream_keeps_flowing_across_token_refreshes(
     start_proxy: Any, sa_key: tuple[Path, str], grpc_service: GrpcService, google: Any
 ) -> None:

@@ -120,6 +120,7 @@ async def stack(tmp_path: Path, google: Any) -> AsyncIterator[Stack]:
 # --------------------------------------------------------------------------- under load
 
 
+@pytest.mark.soak  # bounded load: everyday runs skip it, .ci/run runs it
 async def test_ten_reloads_under_load_lose_no_request(stack: Stack) -> None:
     proxy = await stack.start(stack.config_a())
     results: list[tuple[int, str]] = []
