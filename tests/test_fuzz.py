@@ -285,3 +285,123 @@ def test_fuzzed_requests(google, sa_key, private_service, caplog):
     # requests the proxy aborted.
     unexpected = [r for r in caplog.records if r.levelno >= logging.ERROR and r.thread == proxy.thread_id]
     assert not unexpected, [r.getMessage() for r in unexpected[:5]]
+
+
+# --------------------------------------------------------------------------- HTTP/2 frames
+
+H2_BUDGET = float(os.environ.get("FUZZ_H2_SECONDS", str(BUDGET / 2)))
+_PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
+H2_PATHS = ["/", "/h2/x", "/h2/bytes/10", "/.proxy/status.json", "//EVIL/x", "http://EVIL/", "*", "/%2e%2e/x", ""]
+H2_AUTHORITIES = ["localhost", "127.0.0.1", "EVIL", "app.localhost", "", "localhost:1", "a" * 300]
+
+
+def _frame(kind: int, flags: int, stream: int, payload: bytes) -> bytes:
+    return (len(payload) << 8 | kind).to_bytes(4, "big") + bytes([flags & 0xFF]) + (stream & 0xFFFFFFFF).to_bytes(4, "big") + payload
+
+
+@st.composite
+def h2_headers_block(draw: st.DrawFn) -> bytes:
+    """A HEADERS payload HPACK-encoded by h2's own encoder, from hostile parts."""
+    import hpack
+
+    fields = [
+        (":method", draw(st.sampled_from(["GET", "POST", "CONNECT", "PRI", "get", ""]))),
+        (":scheme", draw(st.sampled_from(["http", "https", "ftp", ""]))),
+        (":path", draw(st.sampled_from(H2_PATHS))),
+        (":authority", draw(st.sampled_from(H2_AUTHORITIES))),
+    ]
+    extra = draw(st.lists(st.tuples(st.sampled_from([n.lower() for n in NAMES] + ["te", "content-type", ":status", "Upper"]), st.sampled_from(VALUES + ["trailers", "application/grpc", "EVIL"])), max_size=6))
+    fields = draw(st.permutations(fields[: draw(st.integers(0, 4))] + extra)) if draw(st.booleans()) else fields + extra
+    return hpack.Encoder().encode(fields)
+
+
+@st.composite
+def h2_frames(draw: st.DrawFn) -> bytes:
+    """A preface, SETTINGS, then a few frames: well-formed ones mixed with broken ones."""
+    out = bytearray(_PREFACE if draw(st.integers(0, 20)) else draw(st.binary(max_size=24)))
+    out += _frame(0x4, 0, 0, b"")  # our SETTINGS
+    for _ in range(draw(st.integers(1, 8))):
+        kind = draw(st.sampled_from([0x0, 0x1, 0x1, 0x2, 0x3, 0x4, 0x5, 0x6, 0x7, 0x8, 0x9, 0xA, 0xFE]))
+        stream = draw(st.sampled_from([0, 1, 1, 3, 2, 0x7FFFFFFF, 0x80000001]))
+        flags = draw(st.sampled_from([0, 0x1, 0x4, 0x5, 0x8, 0x20, 0xFF]))
+        if kind == 0x1:
+            payload = draw(h2_headers_block())
+        elif kind == 0x4:
+            payload = b"".join(draw(st.integers(0, 9)).to_bytes(2, "big") + draw(st.integers(0, 2**32 - 1)).to_bytes(4, "big") for _ in range(draw(st.integers(0, 3))))
+        elif kind == 0x8:
+            payload = draw(st.integers(0, 2**32 - 1)).to_bytes(4, "big")
+        else:
+            payload = draw(st.binary(max_size=64)) if draw(st.integers(0, 9)) else b"\0" * draw(st.sampled_from([16384, 16385, 70000]))
+        out += _frame(kind, flags, stream, payload)
+    return bytes(out)
+
+
+def _h2_get(port: int, path: str) -> int | None:
+    """A normal HTTP/2 request with h2's client; its status, or None."""
+    import h2.connection
+    import h2.events
+
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as s:
+        conn = h2.connection.H2Connection()
+        conn.initiate_connection()
+        conn.send_headers(1, [(":method", "GET"), (":scheme", "http"), (":path", path), (":authority", "localhost")], end_stream=True)
+        s.sendall(conn.data_to_send())
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            data = s.recv(65536)
+            if not data:
+                return None
+            for event in conn.receive_data(data):
+                if isinstance(event, h2.events.ResponseReceived):
+                    return int(dict(event.headers)[b":status"])
+            s.sendall(conn.data_to_send())
+    return None
+
+
+def test_fuzzed_http2_frames(google, sa_key, private_service, fake_google, caplog):
+    from tests.fakes.h2_service import H2PrivateService
+
+    caplog.set_level(logging.DEBUG)
+    evil = EvilListener()
+    with H2PrivateService(fake_google.certs_url) as h2_service:
+        proxy = ThreadedProxy(
+            {
+                "credentials": {"source": "service_account", "key_file": str(sa_key[0])},
+                "limits": {"header_timeout": 0.5, "keepalive_timeout": 0.3, "max_connections": 64},
+                "routes": [
+                    {"prefix": "/", "upstream": private_service.url},
+                    {"prefix": "/h2", "upstream": h2_service.url},
+                ],
+            }
+        ).start()
+        evil_hostport = f"127.0.0.1:{evil.port}".encode()
+        began = time.monotonic()
+        counts = {"sent": 0, "answered": 0}
+        try:
+            assert _h2_get(proxy.port, "/h2/start") == 200
+
+            @settings(max_examples=ROUND, deadline=None, database=None, suppress_health_check=list(HealthCheck), print_blob=True)
+            @given(h2_frames(), st.lists(st.integers(1, 300), max_size=3))
+            def fuzz(data: bytes, splits: list[int]) -> None:
+                data = data.replace(b"EVIL", evil_hostport)
+                reply = send(proxy.port, data, sorted(c for c in splits if c < len(data)), False, timeout=1.0)
+                counts["sent"] += 1
+                counts["answered"] += bool(reply)
+                if counts["sent"] % 100 == 0:
+                    assert _h2_get(proxy.port, "/h2/check") == 200, "the proxy stopped answering HTTP/2"
+                    assert normal_request(proxy.port).startswith(b"HTTP/1.1 200"), "the proxy stopped answering HTTP/1.1"
+
+            while time.monotonic() - began < H2_BUDGET:
+                fuzz()
+            assert _h2_get(proxy.port, "/h2/after-fuzz") == 200
+        finally:
+            proxy.stop()
+            evil.close()
+        print(f"\nh2 fuzz: {counts['sent']} connections in {time.monotonic() - began:.0f} s, {counts['answered']} answered; {len(h2_service.requests)} reached the h2 upstream")
+        assert counts["sent"] >= 50, counts
+        assert evil.connections == 0
+        assert h2_service.requests[-1].path == "/after-fuzz"
+        for rec in h2_service.requests:
+            assert rec.claims is not None and rec.claims["aud"] == h2_service.url
+        unexpected = [r for r in caplog.records if r.levelno >= logging.ERROR and r.thread == proxy.thread_id]
+        assert not unexpected, [r.getMessage() for r in unexpected[:5]]
