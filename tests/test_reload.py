@@ -169,6 +169,8 @@ async def test_ten_reloads_under_load_lose_no_request(stack: Stack) -> None:
     assert [r["name"] for r in doc["routes"]] == ["app", "only-a"]
     reload_lines = [line for line in proxy.lines if "config reloaded (SIGHUP)" in line]
     assert len(reload_lines) == 10 and "added only-a; removed only-b; changed app" in reload_lines[-1]
+    took = [float(line.split(" in ", 1)[1].split(" ms", 1)[0]) for line in reload_lines]
+    print(f"\nreload: {len(results)} requests during 10 reloads, {len(failures)} failed; reload took {min(took):.0f} to {max(took):.0f} ms")
 
 
 async def test_websocket_and_stream_survive_five_reloads(stack: Stack) -> None:
