@@ -256,7 +256,7 @@ class Exchange:
             out["Content-Length"] = str(len(upload))
         elif chunked:
             out["Transfer-Encoding"] = "chunked"
-        elif upload is None and head.method in _BODY_METHODS and "Content-Length" not in out:
+        elif upload is None and not body.exists and head.method in _BODY_METHODS and "Content-Length" not in out:
             out["Content-Length"] = "0"
         if h2:
             await self._forward_h2(ctx, route, out, route.upstream_target(rest, split.query), cast(bytes | None, upload), token)
