@@ -153,7 +153,7 @@ def parse_h2load(text: str) -> H2loadResult:
 
 
 async def _grpc_calls(port: int, callers: int, channels: int, duration: float, token: str) -> dict[str, Any]:
-    import grpc  # the test extra's grpcio; imported here so the rest of the bench does not need it
+    import grpc  # type: ignore[import-untyped]  # the test extra's grpcio: only the client process needs it
 
     # A subchannel pool per channel: each channel is a connection of its own, as h2load's -c.
     chans = [grpc.aio.insecure_channel(f"127.0.0.1:{port}", options=[("grpc.use_local_subchannel_pool", 1)]) for _ in range(channels)]
@@ -384,7 +384,8 @@ class Bench:
         self.binary: Path | None = None
         self.results = Results(machine=machine_info(tools))
         self._logn = 0
-        self.load_cpu, self.target_cpu = ("0", "1") if args.pinned else (None, None)
+        self.load_cpu: str | None = "0" if args.pinned else None
+        self.target_cpu: str | None = "1" if args.pinned else None
 
     def _log(self, name: str) -> Path:
         self._logn += 1
