@@ -5,8 +5,8 @@
 #   bash tests/run.sh --quick    the everyday suite: no browser, soak or fuzz tests
 #   bash tests/run.sh -- ARGS    extra arguments for pytest (e.g. -- -k websocket)
 #
-# Debian packages (chromium for the browser tests, nginx-light, wrk and golang-go for the
-# benchmark smoke run, iproute2 for ss, curl, openssl) are installed with apt-get where missing; Python packages
+# Debian packages (chromium for the browser tests, nginx-light, wrk, golang-go,
+# golang-golang-x-net-dev and nghttp2-client for the benchmark smoke runs, iproute2 for ss, curl, openssl) are installed with apt-get where missing; Python packages
 # go into .venv from the project's `test` extra.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -31,6 +31,10 @@ if [ "$quick" = 0 ]; then
   command -v wrk >/dev/null 2>&1 || missing+=(wrk)
   # The benchmark's Go peer (bench/goproxy, tests/test_bench_smoke.py).
   { command -v go >/dev/null 2>&1 || [ -x /usr/lib/go/bin/go ]; } || missing+=(golang-go)
+  # The HTTP/2 benchmark (bench/h2.py, tests/test_bench_h2_smoke.py): its Go peer and upstream
+  # build against Debian's golang.org/x/net (GOPATH mode, nothing fetched), and h2load drives it.
+  [ -d /usr/share/gocode/src/golang.org/x/net/http2 ] || missing+=(golang-golang-x-net-dev)
+  command -v h2load >/dev/null 2>&1 || missing+=(nghttp2-client)
   # openssl rehash builds the SSL_CERT_DIR of tests/test_https_upstream.py.
   command -v openssl >/dev/null 2>&1 || missing+=(openssl)
   # ss reads the main listener's accept queue (tests/test_server_backlog.py).
