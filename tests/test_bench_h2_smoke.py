@@ -138,13 +138,6 @@ def test_quick_grpc_loop_through_the_go_peer(grpc_run: subprocess.CompletedProce
         assert int(rows[name].group(2)) > 0 and "errors" not in rows[name].group(0), out
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason=(
-        "proxy/exchange.py adds content-length: 0 to an HTTP/2 POST whose body it relays frame by frame; "
-        "x/net/http2's server resets such a stream (PROTOCOL_ERROR, RFC 9113 8.1.1), so grpcio gets UNAVAILABLE"
-    ),
-)
 @pytest.mark.timeout(120)
 def test_quick_grpc_loop_through_idtoken_proxy(grpc_run: subprocess.CompletedProcess[str]) -> None:
     out = grpc_run.stdout
