@@ -179,6 +179,8 @@ async def test_permessage_deflate_is_negotiated_end_to_end(proxy, client, ws_ups
     finally:
         await conn.close()
     assert head.startswith(b"HTTP/1.1 101"), head
+    # The upstream records what it negotiated just after its 101 went out.
+    assert await asyncio.to_thread(ws_upstream.opened.wait, 10)
     # The upstream saw the client's offer and accepted it; the client sees the upstream's answer.
     assert ws_upstream.offers[-1] == offer
     assert ws_upstream.compress[-1] > 0
