@@ -238,3 +238,70 @@ async def test_lean_response_headers_match_the_session_paths_rule(raw):
     decoded = CIMultiDict((n.decode("utf-8", "surrogateescape"), v.decode("utf-8", "surrogateescape")) for n, v in raw)
     expected = downstream_response_headers(decoded)
     assert list(conn.client_headers().items()) == list(expected.items())
+
+
+# --------------------------------------------------------------------------- the upstream's Host and origin
+
+
+@pytest.mark.parametrize(
+    "upstream, host_header, port",
+    [
+        # Cloud Run routes on its own name: the Host an https://...:443 upstream receives has no port.
+        ("https://hello-abc-uc.a.run.app", "hello-abc-uc.a.run.app", 443),
+        ("https://hello-abc-uc.a.run.app:443", "hello-abc-uc.a.run.app", 443),
+        ("https://svc.example:8443", "svc.example:8443", 8443),
+        ("https://svc.example:80", "svc.example:80", 80),  # 80 is http's default, not https's
+        ("http://127.0.0.1", "127.0.0.1", 80),
+        ("http://127.0.0.1:80", "127.0.0.1", 80),
+        ("http://127.0.0.1:443", "127.0.0.1:443", 443),
+        ("http://127.0.0.1:9000/base", "127.0.0.1:9000", 9000),
+        # IPv6: the address in brackets, with or without the port.
+        ("http://[::1]:9000", "[::1]:9000", 9000),
+        ("http://[::1]", "[::1]", 80),
+        ("https://[2001:db8::1]", "[2001:db8::1]", 443),
+        ("https://[2001:db8::1]:8443/fn", "[2001:db8::1]:8443", 8443),
+    ],
+)
+def test_upstream_host_header_names_the_port_only_when_it_is_not_the_schemes_default(upstream, host_header, port):
+    (route,) = _router(("/", upstream, None)).routes
+    scheme = upstream.partition(":")[0]
+    assert (route.scheme, route.port) == (scheme, port)
+    assert route.host_header == host_header
+    assert route.origin == f"{scheme}://{host_header}"
+    # What the upstream receives: that Host, whatever the client sent.
+    out = upstream_request_headers(
+        CIMultiDict([("Host", "localhost:8080")]),
+        host=route.host_header,
+        token_header="authorization",
+        token="TOKEN",
+        client_ip=None,
+        forwarded_host=None,
+    )
+    assert out.getall("Host") == [host_header]
+    assert route.upstream_target("/x", "q=1") == f"{route.base_path}/x?q=1"
+
+
+def test_router_hosts_and_a_host_without_routes_of_its_own():
+    router = _router(("/", "https://a.run.app", "app.localhost"), ("/api", "https://b.run.app", None))
+    assert router.hosts == frozenset({"app.localhost"})
+    # Another name (or none) gets the host-less routes.
+    assert router.match("other.localhost", split_target("/api/x"))[0].name == "r1"
+    assert router.match(None, split_target("/api"))[1] == ""
+    only_hosts = _router(("/", "https://a.run.app", "app.localhost"))
+    with pytest.raises(NoRoute, match="configured prefixes: none"):
+        only_hosts.match("localhost", split_target("/x"))
+
+
+@pytest.mark.parametrize(
+    "raw, path, query",
+    [
+        ("/a/b#frag", "/a/b", ""),
+        ("/a?x=1#f", "/a", "x=1#f"),
+        ("/", "/", ""),
+        ("/a/b.c/d%20e", "/a/b.c/d%20e", ""),
+        ("/%2e%2efoo", "/%2e%2efoo", ""),
+    ],
+)
+def test_split_target_more(raw, path, query):
+    t = split_target(raw)
+    assert (t.path, t.query) == (path, query)
