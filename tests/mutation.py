@@ -142,7 +142,9 @@ def main() -> int:
     parser.add_argument("--min", type=float, default=0.0, help="exit 1 when a module scores under this percentage")
     parser.add_argument("--sample", type=int, default=0, help="run a seeded sample of this many mutants per module")
     parser.add_argument("--seed", type=int, default=17, help="the sample's seed (default 17)")
-    parser.add_argument("--max-children", type=int, default=2, help="mutants tested at once (default 2)")
+    # One at a time: the fakes serve on a port reserved when tests/fakes is imported, which
+    # every worker mutmut forks inherits, so two workers would answer each other's requests.
+    parser.add_argument("--max-children", type=int, default=1, help="mutants tested at once (default 1; see above)")
     args = parser.parse_args()
     modules = args.modules or list(MODULES)
     only = set(sample(modules, args.sample, args.seed)) if args.sample else None

@@ -9,7 +9,13 @@ from multidict import CIMultiDict
 
 from proxy.config import Route
 from proxy.errors import BadRequest, NoRoute
-from proxy.policy.headers import downstream_response_headers, rewrite_location, upstream_request_headers
+from proxy.policy.headers import (
+    downstream_response_headers,
+    rewrite_cookie_path,
+    rewrite_location,
+    rewrite_referer,
+    upstream_request_headers,
+)
 from proxy.policy.router import Router, compile_route, split_target
 from proxy.auth.tokens import TokenKey
 from proxy.upstream import _Connection
@@ -305,3 +311,79 @@ def test_router_hosts_and_a_host_without_routes_of_its_own():
 def test_split_target_more(raw, path, query):
     t = split_target(raw)
     assert (t.path, t.query) == (path, query)
+
+
+# --------------------------------------------------------------------------- Location, Referer and cookie Path at the edges
+
+
+@pytest.mark.parametrize(
+    "location, upstream, prefix, expected",
+    [
+        # http's default port, spelled or not, on either side.
+        ("http://up.example:80/x", "http://up.example", "/p", "http://localhost:8080/p/x"),
+        ("http://up.example/x", "http://up.example:80", "/p", "http://localhost:8080/p/x"),
+        ("https://up.example/x", "https://up.example:443", "/p", "http://localhost:8080/p/x"),
+        # Another port is another server; 443 is not http's default, 80 not https's.
+        ("http://up.example:8080/x", "http://up.example", "/", "http://up.example:8080/x"),
+        ("http://up.example:443/x", "http://up.example", "/", "http://up.example:443/x"),
+        ("https://up.example:80/x", "https://up.example", "/", "https://up.example:80/x"),
+        ("http://127.0.0.1:9000/x", "http://127.0.0.1:9000", "/p", "http://localhost:8080/p/x"),
+        ("http://127.0.0.1:9001/x", "http://127.0.0.1:9000", "/p", "http://127.0.0.1:9001/x"),
+        ("http://[::1]:9000/x", "http://[::1]:9000", "/p", "http://localhost:8080/p/x"),
+        ("https://up.example:bad/x", "https://up.example", "/", "https://up.example:bad/x"),
+        # The base path ends at a "/": /fnx is not under /fn.
+        ("https://r-p.net/fnx/next", "https://r-p.net/fn", "/f", "https://r-p.net/fnx/next"),
+        ("https://r-p.net/fn/", "https://r-p.net/fn", "/f", "http://localhost:8080/f/"),
+        ("https://r-p.net/fn/next", "https://r-p.net/fn", "/", "http://localhost:8080/next"),
+        ("https://r-p.net/fn", "https://r-p.net/fn", "/", "http://localhost:8080/"),
+        ("/fn", "https://r-p.net/fn", "/f", "/f"),
+        ("/fn/", "https://r-p.net/fn", "/f", "/f/"),
+        ("/fnx", "https://r-p.net/fn", "/f", "/fnx"),
+        ("/fn?x=1", "https://r-p.net/fn", "/f", "/f?x=1"),
+        ("/fn/x?a=1#top", "https://r-p.net/fn", "/f", "/f/x?a=1#top"),
+        # The upstream's root, under a prefix: the prefix's root.
+        ("https://svc.run.app", "https://svc.run.app", "/hello", "http://localhost:8080/hello/"),
+        ("/", "https://svc.run.app", "/hello", "/hello/"),
+        ("/", "https://svc.run.app", "/", "/"),
+        ("https://svc.run.app/", "https://svc.run.app", "/", "http://localhost:8080/"),
+        ("?page=2", "https://svc.run.app", "/hello", "?page=2"),
+        ("", "https://svc.run.app", "/hello", ""),
+    ],
+)
+def test_rewrite_location_at_the_edges(location, upstream, prefix, expected):
+    assert rewrite_location(location, upstream=upstream, prefix=prefix, proxy_origin="http://localhost:8080") == expected
+
+
+UP = "https://hello-abc-uc.a.run.app"
+
+
+@pytest.mark.parametrize(
+    "referer, prefix, expected",
+    [
+        # The proxy's origin with no path: the upstream's root, query kept.
+        ("http://localhost:8080?q=1", "/svc", f"{UP}/?q=1"),
+        ("http://localhost:8080", "/svc", f"{UP}/"),
+        ("http://localhost:8080/svc?q=1", "/svc", f"{UP}/?q=1"),
+        ("http://localhost:8080/svc/", "/svc", f"{UP}/"),
+    ],
+)
+def test_rewrite_referer_without_a_path(referer, prefix, expected):
+    assert rewrite_referer(referer, proxy_host="localhost:8080", upstream_origin=UP, prefix=prefix, base_path="") == expected
+
+
+@pytest.mark.parametrize(
+    "cookie, prefix, base, request_path, expected",
+    [
+        # The browser uses the last Path: one it ignores (not starting with "/") does not
+        # stop the next from being mapped.
+        ("sid=1; Path=x; Path=/", "/a", "", "/a/login", "sid=1; Path=x; Path=/a"),
+        ("sid=1; HttpOnly; Path=/x", "/a", "", "/a/login", "sid=1; HttpOnly; Path=/a/x"),
+        # Prefix "/" over a base path: the browser's default directory is already right.
+        ("sid=1", "/", "/fn", "/a/b", "sid=1"),
+        ("sid=1; Path=x", "/", "/fn", "/a/b", "sid=1; Path=x"),
+        ("sid=1; Path=/fn/a", "/", "/fn", "/a/b", "sid=1; Path=/a"),
+        ("sid=1", "/a", "", "/a/b/c", "sid=1"),
+    ],
+)
+def test_rewrite_cookie_path_at_slash_boundaries(cookie, prefix, base, request_path, expected):
+    assert rewrite_cookie_path(cookie, prefix=prefix, base_path=base, request_path=request_path) == expected
