@@ -14,6 +14,7 @@ from proxy.policy.headers import (
     rewrite_cookie_path,
     rewrite_location,
     rewrite_referer,
+    rewrite_set_cookies,
     upstream_request_headers,
 )
 from proxy.policy.router import Router, compile_route, split_target
@@ -387,3 +388,58 @@ def test_rewrite_referer_without_a_path(referer, prefix, expected):
 )
 def test_rewrite_cookie_path_at_slash_boundaries(cookie, prefix, base, request_path, expected):
     assert rewrite_cookie_path(cookie, prefix=prefix, base_path=base, request_path=request_path) == expected
+
+
+def test_a_kept_header_does_not_end_the_others():
+    out = up([("Authorization", "Basic app"), ("Accept", "text/html"), ("X-App", "1")], mode="x-serverless-authorization")
+    assert out.getall("Authorization") == ["Basic app"]
+    assert (out["Accept"], out["X-App"]) == ("text/html", "1")
+
+
+def test_keep_never_passes_a_name_spelled_with_underscores():
+    # X_Forwarded_For folds into X-Forwarded-For: no `keep` entry lets a client forge it.
+    out = upstream_request_headers(
+        CIMultiDict([("X_Forwarded_For", "6.6.6.6"), ("X-Keep", "k")]),
+        host="svc.run.app",
+        token_header="authorization",
+        token="TOKEN",
+        client_ip="127.0.0.1",
+        forwarded_host=None,
+        keep=["x_forwarded_for", "x-keep"],
+    )
+    assert "6.6.6.6" not in out.values()
+    assert out.getall("X-Forwarded-For") == ["127.0.0.1"] and out["X-Keep"] == "k"
+
+
+def test_rewrite_set_cookies_by_default_maps_nothing_and_needs_no_cookie():
+    headers = CIMultiDict([("Set-Cookie", "a=1; Path=/x"), ("Set-Cookie", "b=2")])
+    rewrite_set_cookies(headers, upstream_host="svc.run.app")
+    assert headers.getall("Set-Cookie") == ["a=1; Path=/x", "b=2"]
+    none: CIMultiDict[str] = CIMultiDict([("Content-Type", "text/plain")])
+    rewrite_set_cookies(none, upstream_host="svc.run.app", prefix="/a")
+    assert list(none.items()) == [("Content-Type", "text/plain")]
+
+
+@pytest.mark.parametrize(
+    "raw, reason",
+    [
+        ("*", "asterisk-form request target (OPTIONS *) is not proxied"),
+        ("http://evil/x", "request target must be a path (absolute-form targets are not proxied)"),
+        ("evil.example:443", "request target must be a path (absolute-form targets are not proxied)"),
+        ("/a/%2e%2e/b", "path contains a . or .. segment"),
+    ],
+)
+def test_split_target_says_why_it_refuses(raw, reason):
+    with pytest.raises(BadRequest) as e:
+        split_target(raw)
+    assert e.value.reason == reason
+
+
+def test_the_reserved_prefix_refusal_says_why():
+    router = _router(("/", "https://a.run.app", None))
+    for path in ("/.proxy", "/.proxy/x"):
+        with pytest.raises(NoRoute) as e:
+            router.match("localhost", split_target(path))
+        assert e.value.reason == "/.proxy/ is reserved for the proxy's own pages"
+    # Only that segment: /.proxyx is an ordinary path.
+    assert router.match("localhost", split_target("/.proxyx"))[1] == "/.proxyx"

@@ -170,6 +170,26 @@ def test_a_refused_host_is_quoted_in_the_reason_up_to_100_characters(length, sho
     assert v.reason == f"Host {shown.format(host=host, host100=host[:100])!r} is not allowed"
 
 
+def test_refusals_give_the_user_a_hint():
+    g = guard()
+    host = g.decide("GET", CIMultiDict({"Host": "evil.example"}))
+    assert host.hint == "browse to localhost, 127.0.0.1, [::1] or a *.localhost name, or add this name to allowed_hosts"
+    assert g.decide("GET", CIMultiDict()).hint == "send Host: localhost"
+    cross = g.decide("POST", CIMultiDict({"Host": "localhost", "Origin": "http://evil.example"}))
+    assert (cross.allowed, cross.status) == (False, 403)
+    assert cross.hint is not None and "list that origin in allowed_origins" in cross.hint
+
+
+async def test_a_refusal_is_plain_text_the_browser_must_not_sniff(start_proxy, client, sa_key, private_service):
+    proxy = await start_proxy(sa_config(sa_key[0], {"upstream": private_service.url}))
+    async with client.get(f"{proxy.url}/x", headers={"Origin": "http://evil.example"}) as r:
+        assert r.status == 403
+        assert r.headers["X-Content-Type-Options"] == "nosniff"
+        body = await r.text()
+    assert "cross-site request refused" in body and "allowed_origins" in body
+    assert private_service.requests == []
+
+
 # --------------------------------------------------------------------------- the preflight answer
 
 
