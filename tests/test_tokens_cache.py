@@ -365,6 +365,7 @@ class Scripted(Identity):
         self.gate: asyncio.Event | None = None  # when set, a fetch waits for it
         self.source_changed = False
         self.last: Minted | None = None
+        self.token_aud: str | None = None  # a source that picks its own audience (a token file)
 
     def wall(self) -> float:
         return WALL_START + self.loop.now
@@ -385,7 +386,7 @@ class Scripted(Identity):
             assert self.last is not None
             return self.last
         lifetime = int(self.last.exp) - now if answer == NEWER and self.last else answer
-        self.last = self._minted(self.google.mint(audience, lifetime=lifetime, iat=now, n=len(self.fetched_at)))
+        self.last = self._minted(self.google.mint(self.token_aud or audience, lifetime=lifetime, iat=now, n=len(self.fetched_at)))
         return self.last
 
 
@@ -679,5 +680,34 @@ def test_forced_refreshes_need_a_token_a_minute_old_and_come_at_most_once_a_minu
         finally:
             await cache.close()
         assert await cache.force_refresh(key, c) is None  # closed
+
+    on_manual_clock(scenario)
+
+
+def test_every_fetch_outcome_is_reported_for_its_key_and_logged(google, caplog):
+    async def scenario(loop: ManualClockLoop) -> None:
+        ident = Scripted(google, loop, 3600, SAME, OSError("token endpoint unreachable"), 3600)
+        ident.token_aud = "https://their.example"
+        outcomes: list[tuple[TokenKey, str]] = []
+        cache = TokenCache(clock=ident.wall, on_refresh=lambda k, outcome: outcomes.append((k, outcome)))
+        key = cache.register(ident, AUD)
+        try:
+            caplog.clear()
+            await cache.get(key)
+            # The first token is news (INFO), with the audience the source chose.
+            (first,) = [r for r in caplog.records if r.name == "proxy.auth.tokens" and r.levelname == "INFO"]
+            assert first.getMessage().startswith(
+                f"token for {AUD} from service_account (developer@example.com) valid for 3600 s (token audience https://their.example); next refresh in"
+            )
+            for _ in range(3):
+                await next_fetch(loop, ident, within=3600, step=1.0)
+            caplog.clear()
+            await next_fetch(loop, ident, within=3600, step=1.0)
+            # Later ones are routine (DEBUG).
+            assert not [r for r in caplog.records if r.name == "proxy.auth.tokens" and r.levelname == "INFO"]
+            assert any(r.getMessage().startswith(f"token for {AUD} from") for r in caplog.records if r.levelname == "DEBUG")
+        finally:
+            await cache.close()
+        assert outcomes == [(key, "ok"), (key, "unchanged"), (key, "error"), (key, "ok"), (key, "ok")]
 
     on_manual_clock(scenario)
