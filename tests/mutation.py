@@ -8,8 +8,8 @@
 
 mutmut is configured in pyproject.toml ([tool.mutmut]: the four modules, the test files)
 and keeps its results in mutants/, so a second run only tests what changed. A survivor
-listed in mutation-equivalents.md (an equivalent mutant: no behaviour can tell it from
-the original) is reported as such; the score counts it as survived all the same.
+listed in mutation-equivalents.md (an equivalent mutant, or one not worth a test, each
+with its reason) is shown with that reason; the score counts it as survived all the same.
 Exit status: 0, or 1 when a module scores under --min (default 0: report only).
 
 Loaded by mutmut as a pytest plugin too (``-p tests.mutation``, pyproject.toml): it orders
@@ -117,14 +117,14 @@ def report(modules: list[str], min_score: float, only: set[str] | None = None) -
         if score < min_score:
             status = 1
     print()
-    print("| module | killed / total | score | survivors listed as equivalent | not yet run |")
+    print("| module | killed / total | score | survivors listed in mutation-equivalents.md | not yet run |")
     print("|---|---|---|---|---|")
     for short, killed, total, score, equiv, unchecked in rows:
         print(f"| {short} | {killed} / {total} | {score:.0f}% | {equiv} | {unchecked} |")
     print()
     print(f"survivors ({len(survivors)}; `mutmut show NAME` prints the change):")
     for name in survivors:
-        note = f"  [equivalent: {known[name]}]" if name in known else ""
+        note = f"  [listed: {known[name]}]" if name in known else ""
         print(f"  {name}: {verdicts[name]}{note}")
     return status
 
