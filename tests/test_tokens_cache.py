@@ -8,6 +8,7 @@ where a test needs time to jump (laptop sleep).
 from __future__ import annotations
 
 import asyncio
+import re
 import threading
 import time
 
@@ -16,7 +17,7 @@ import pytest
 from proxy.config import Credentials
 from proxy.errors import TokenUnavailable
 from proxy.auth.identity import Identity, Minted, ServiceAccountIdentity, StaticIdentity, build_identity
-from proxy.auth.tokens import MIN_TTL, TokenCache, refresh_delay
+from proxy.auth.tokens import MIN_TTL, TokenCache, TokenKey, refresh_delay
 
 from .test_identity_support import client, eventually  # noqa: F401
 
@@ -310,3 +311,403 @@ async def test_static_identity_in_cache_reports_its_audience(google, monkeypatch
     assert status["token_audience"] == "https://their.example"
     assert status["audience_note"] and "https://route.example" in status["audience_note"]
     assert "eyJ" not in str(status)
+
+
+# --------------------------------------------------------------------------- timing, on a clock the test moves
+#
+# The cache's refresh timers and its backoff both run on the event loop's clock. These
+# tests run the cache on a loop whose clock moves only when the test moves it (and a
+# wall clock that moves with it), so minutes of refreshes and retries pass in an instant
+# and exactly which fetch happened when is known: no sleeping, no timing assertions.
+
+AUD = "https://aud.example"
+#: Steps of the loop clock while timing retries: every measured gap is exact to this
+#: (TOL: plus what adding up floats loses).
+STEP = 0.05
+TOL = STEP + 1e-3
+#: Wall time at loop time 0: a whole second, so a token minted at 0 expires at loop time == lifetime.
+WALL_START = float(int(time.time()))
+SAME = "the previous token again"
+NEWER = "a new token with the previous one's exp"
+
+
+class ManualClockLoop(asyncio.SelectorEventLoop):
+    """An event loop whose clock reads ``now``, which only the test moves."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.now = 0.0
+
+    def time(self) -> float:
+        return self.now
+
+
+def on_manual_clock(scenario):  # type: ignore[no-untyped-def]
+    with asyncio.Runner(loop_factory=ManualClockLoop) as runner:
+        runner.run(scenario(runner.get_loop()))
+
+
+class Scripted(Identity):
+    """Answers each fetch as scripted: the answers are used in order, the last one repeats.
+
+    A number is a lifetime: a new Google-signed token issued now. ``SAME`` hands back
+    the previous token (what the metadata server does when asked early), ``NEWER`` a new
+    token with the previous one's exp; an exception is raised as the fetch's failure.
+    """
+
+    source = "service_account"
+
+    def __init__(self, google, loop: ManualClockLoop, *answers) -> None:  # type: ignore[no-untyped-def]
+        super().__init__()
+        self.google, self.loop = google, loop
+        self.answers = list(answers)
+        self.fetched_at: list[float] = []  # loop time of every fetch
+        self.gate: asyncio.Event | None = None  # when set, a fetch waits for it
+        self.source_changed = False
+        self.last: Minted | None = None
+        self.token_aud: str | None = None  # a source that picks its own audience (a token file)
+
+    def wall(self) -> float:
+        return WALL_START + self.loop.now
+
+    def changed(self) -> bool:
+        return self.source_changed
+
+    async def fetch(self, audience: str) -> Minted:
+        self.fetched_at.append(self.loop.now)
+        self.source_changed = False
+        if self.gate is not None:
+            await self.gate.wait()
+        answer = self.answers.pop(0) if len(self.answers) > 1 else self.answers[0]
+        if isinstance(answer, BaseException):
+            raise answer
+        now = int(self.wall())
+        if answer == SAME:
+            assert self.last is not None
+            return self.last
+        lifetime = int(self.last.exp) - now if answer == NEWER and self.last else answer
+        self.last = self._minted(self.google.mint(self.token_aud or audience, lifetime=lifetime, iat=now, n=len(self.fetched_at)))
+        return self.last
+
+
+async def settle() -> None:
+    """Let everything that is due run: no fetch here waits on I/O, so a few turns finish it."""
+    for _ in range(12):
+        await asyncio.sleep(0)
+
+
+async def run_for(loop: ManualClockLoop, seconds: float, step: float = STEP) -> None:
+    end = loop.now + seconds
+    while loop.now < end - 1e-9:
+        loop.now = min(end, loop.now + step)
+        await settle()
+
+
+async def next_fetch(loop: ManualClockLoop, ident: Scripted, *, within: float, step: float = STEP) -> float:
+    """Move the clock until the cache fetches again (at most ``within`` s); the wait."""
+    n, start = len(ident.fetched_at), loop.now
+    while len(ident.fetched_at) == n:
+        assert loop.now - start < within, f"no fetch within {within} s"
+        loop.now += step
+        await settle()
+    return loop.now - start
+
+
+def gaps(times: list[float]) -> list[float]:
+    return [b - a for a, b in zip(times, times[1:])]
+
+
+def test_with_no_token_failed_fetches_are_retried_from_1_s_doubling_to_10_s(google):
+    async def scenario(loop: ManualClockLoop) -> None:
+        ident = Scripted(google, loop, OSError("token endpoint unreachable"))
+        cache = TokenCache(clock=ident.wall)
+        key = cache.register(ident, AUD)
+        try:
+            with pytest.raises(TokenUnavailable) as first:
+                await cache.get(key)
+            assert "token endpoint unreachable" in first.value.reason
+            assert first.value.retry_after == 1
+            # During the backoff a request is answered at once: no fetch of its own.
+            for _ in range(3):
+                with pytest.raises(TokenUnavailable) as e:
+                    await cache.get(key)
+                assert e.value.retry_after == 1
+            assert len(ident.fetched_at) == 1
+            # The retries come from the cache's own timer, with or without requests.
+            await run_for(loop, 60)
+            # Retry-After tells a client when the next attempt is.
+            with pytest.raises(TokenUnavailable) as e:
+                await cache.get(key)
+            wait = await next_fetch(loop, ident, within=13)
+            assert abs(e.value.retry_after - wait) <= 1, (e.value.retry_after, wait)
+            # Recovery: the next attempt's token serves.
+            ident.answers = [3600]
+            await next_fetch(loop, ident, within=13)
+            assert cache.peek(key) is not None and await cache.get(key) == ident.last.token
+            assert cache.status(key)["last_error"] is None and cache.ready()
+        finally:
+            await cache.close()
+        retries = gaps(ident.fetched_at)
+        assert len(retries) >= 8, ident.fetched_at
+        for i, gap in enumerate(retries):
+            nominal = min(10, 2**i)  # RETRY_FIRST doubled, RETRY_CAP_COLD
+            assert 0.8 * nominal - TOL <= gap <= 1.2 * nominal + TOL, (i, retries)
+
+    on_manual_clock(scenario)
+
+
+def test_while_a_token_serves_failed_refreshes_back_off_to_60_s_but_retry_before_it_runs_out(google, caplog):
+    async def scenario(loop: ManualClockLoop) -> None:
+        ident = Scripted(google, loop, 3600, OSError("token endpoint unreachable"))
+        cache = TokenCache(clock=ident.wall)
+        key = cache.register(ident, AUD)
+        try:
+            token = await cache.get(key)
+            await run_for(loop, 0.25)
+            assert cache.status(key)["expires_in"] == 3599.8
+            # The refresh starts 5 minutes before exp (minus up to 10% of that, jitter).
+            caplog.clear()
+            wait = await next_fetch(loop, ident, within=3600, step=1.0)
+            assert 3270 <= wait + 0.25 <= 3300 + 1.0
+            (warning,) = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+            assert warning.startswith(f"token refresh failed for {AUD} as service_account")
+            assert "OSError: token endpoint unreachable; retry in 1 s, still serving the current token" in warning
+            # The outage, up to 6 s before exp: the cached token serves every request at once.
+            await run_for(loop, 3594 - loop.now)
+            assert await cache.get(key) == token
+            assert cache.status(key)["waited"] == 1 and cache.status(key)["valid"]  # the cold first one only
+            # Under 5 s left, it is never handed out again: the cache fails closed.
+            await run_for(loop, 1.2)
+            assert cache.peek(key) is None and not cache.ready()
+            with pytest.raises(TokenUnavailable):
+                await cache.get(key)
+        finally:
+            await cache.close()
+        refresh = ident.fetched_at[1:]
+        for i, (at, gap) in enumerate(zip(refresh, gaps(refresh))):
+            nominal = min(60, 2**i)  # RETRY_FIRST doubled, RETRY_CAP while a token serves
+            half_left = (3600 - MIN_TTL - at) / 2
+            low, high = (max(0.5, min(f * nominal, half_left)) for f in (0.8, 1.2))
+            assert low - TOL <= gap <= high + TOL, (i, at, gap)
+        assert max(gaps(refresh)) > 40  # the backoff reached the 60 s cap (x 0.8 to 1.2)
+        assert refresh[-1] > 3600 - MIN_TTL - 1.5  # retried until the token was no use
+
+    on_manual_clock(scenario)
+
+
+def test_after_a_recovery_the_backoff_starts_again_from_1_s(google):
+    async def scenario(loop: ManualClockLoop) -> None:
+        down = OSError("token endpoint unreachable")
+        ident = Scripted(google, loop, 3600, down, down, down, 3600, down)
+        cache = TokenCache(clock=ident.wall)
+        key = cache.register(ident, AUD)
+        try:
+            await cache.get(key)
+            await next_fetch(loop, ident, within=3600, step=1.0)
+            waits = [await next_fetch(loop, ident, within=10) for _ in range(3)]
+            assert cache.status(key)["last_error"] is None  # the fourth attempt worked
+            await next_fetch(loop, ident, within=3600, step=1.0)  # its refresh fails
+            waits.append(await next_fetch(loop, ident, within=10))
+        finally:
+            await cache.close()
+        for wait, nominal in zip(waits, [1, 2, 4, 1]):
+            assert 0.8 * nominal - TOL <= wait <= 1.2 * nominal + TOL, waits
+
+    on_manual_clock(scenario)
+
+
+@pytest.mark.parametrize(
+    "lifetime, expected",
+    [
+        # Handed back early, a long-lived token is asked for again every 30 s.
+        (3600, lambda at: 30.0),
+        # Near its end: a quarter of what is left, never sooner than 1 s (no fetch loop).
+        (20, lambda at: max(1.0, min(30.0, (20 - MIN_TTL - at) / 4))),
+    ],
+)
+def test_an_unchanged_token_is_asked_for_again_later_and_a_new_one_then_serves(google, lifetime, expected):
+    async def scenario(loop: ManualClockLoop) -> None:
+        ident = Scripted(google, loop, lifetime, SAME, SAME, SAME, 3600)
+        cache = TokenCache(clock=ident.wall)
+        key = cache.register(ident, AUD)
+        try:
+            first = await cache.get(key)
+            await next_fetch(loop, ident, within=lifetime, step=1.0 if lifetime > 60 else STEP)
+            waits = [await next_fetch(loop, ident, within=31) for _ in range(3)]
+            assert cache.status(key)["refreshes"] == {"ok": 2, "error": 0, "unchanged": 3}
+            token = await cache.get(key)
+            assert token != first and token == ident.last.token
+        finally:
+            await cache.close()
+        for at, wait in zip(ident.fetched_at[1:], waits):
+            assert abs(wait - expected(at)) <= TOL, (ident.fetched_at, waits)
+
+    on_manual_clock(scenario)
+
+
+def test_a_newer_token_with_the_same_exp_replaces_the_cached_one(google):
+    async def scenario(loop: ManualClockLoop) -> None:
+        ident = Scripted(google, loop, 3600, NEWER)
+        cache = TokenCache(clock=ident.wall)
+        key = cache.register(ident, AUD)
+        try:
+            first = await cache.get(key)
+            await next_fetch(loop, ident, within=3600, step=1.0)
+            assert ident.last is not None and ident.last.token != first
+            assert await cache.get(key) == ident.last.token
+            assert cache.status(key)["refreshes"]["unchanged"] == 1
+        finally:
+            await cache.close()
+
+    on_manual_clock(scenario)
+
+
+def test_a_token_file_that_changed_is_read_at_the_next_poll_not_at_the_planned_refresh(google):
+    async def scenario(loop: ManualClockLoop) -> None:
+        ident = Scripted(google, loop, 3600)
+        ident.poll_interval = 2.0
+        cache = TokenCache(clock=ident.wall)
+        key = cache.register(ident, AUD)
+        try:
+            first = await cache.get(key)
+            await run_for(loop, 30, step=0.5)
+            assert len(ident.fetched_at) == 1  # polled, unchanged: no fetch
+            ident.source_changed = True
+            assert await next_fetch(loop, ident, within=3) <= 2.0 + TOL
+            assert await cache.get(key) != first
+        finally:
+            await cache.close()
+
+    on_manual_clock(scenario)
+
+
+def test_a_token_the_source_returns_already_expiring_is_refused_and_retried(google):
+    async def scenario(loop: ManualClockLoop) -> None:
+        ident = Scripted(google, loop, 3, -60, 3600)
+        cache = TokenCache(clock=ident.wall)
+        key = cache.register(ident, AUD)
+        try:
+            with pytest.raises(TokenUnavailable) as e:
+                await cache.get(key)
+            assert "returned a token that expires in 3 s" in e.value.reason
+            await next_fetch(loop, ident, within=2)
+            with pytest.raises(TokenUnavailable) as e:
+                await cache.get(key)
+            # Issued (whole seconds) 60 s before the loop's second, a fraction ago.
+            assert re.search(r"returned a token that expired 6[01] s ago$", e.value.reason), e.value.reason
+            assert e.value.hint == "check this machine's clock"
+            await next_fetch(loop, ident, within=3)
+            assert await cache.get(key) == ident.last.token
+        finally:
+            await cache.close()
+
+    on_manual_clock(scenario)
+
+
+def test_a_401_for_a_token_a_refresh_already_replaced_gets_the_new_one_without_a_fetch(google):
+    async def scenario(loop: ManualClockLoop) -> None:
+        ident = Scripted(google, loop, 3600)
+        cache = TokenCache(clock=ident.wall)
+        key = cache.register(ident, AUD)
+        try:
+            rejected = await cache.get(key)
+            await next_fetch(loop, ident, within=3600, step=1.0)
+            newer = await cache.get(key)
+            assert newer != rejected
+            assert await cache.force_refresh(key, rejected) == newer
+            assert len(ident.fetched_at) == 2
+        finally:
+            await cache.close()
+
+    on_manual_clock(scenario)
+
+
+def test_a_401_while_a_refresh_is_in_flight_waits_for_that_one_fetch(google):
+    async def scenario(loop: ManualClockLoop) -> None:
+        ident = Scripted(google, loop, 3600)
+        cache = TokenCache(clock=ident.wall)
+        key = cache.register(ident, AUD)
+        try:
+            rejected = await cache.get(key)
+            ident.gate = asyncio.Event()
+            await next_fetch(loop, ident, within=3600, step=1.0)  # the refresh, held up
+            retry = asyncio.create_task(cache.force_refresh(key, rejected))
+            await settle()
+            assert not retry.done()
+            ident.gate.set()
+            await settle()
+            assert retry.done() and retry.result() == ident.last.token != rejected
+            assert len(ident.fetched_at) == 2  # one fetch served both
+            assert await cache.get(key) == ident.last.token
+        finally:
+            await cache.close()
+
+    on_manual_clock(scenario)
+
+
+def test_forced_refreshes_need_a_token_a_minute_old_and_come_at_most_once_a_minute(google, caplog):
+    async def scenario(loop: ManualClockLoop) -> None:
+        ident = Scripted(google, loop, 3600, SAME, 3600, 3600, OSError("token endpoint unreachable"))
+        cache = TokenCache(clock=ident.wall)
+        key = cache.register(ident, AUD)
+        try:
+            a = await cache.get(key)
+            seen = []
+            for at, rejected in ((10, a), (61, a), (80, a), (100, a)):
+                await run_for(loop, at - loop.now, step=1.0)
+                seen.append((at, await cache.force_refresh(key, rejected), len(ident.fetched_at)))
+            b = cache.peek(key).token  # the refresh planned 30 s after the unchanged answer
+            assert seen == [
+                (10, None, 1),  # 10 s old: a fresh token that is refused is not helped by another
+                (61, None, 2),  # fetched, but the source handed back the same token
+                (80, None, 2),  # forced 19 s ago: not again yet
+                (100, b, 3),  # the planned refresh at 91 replaced it: that one, no fetch
+            ]
+            await run_for(loop, 152 - loop.now, step=1.0)
+            caplog.clear()
+            c = await cache.force_refresh(key, b)
+            assert c is not None and c == ident.last.token != b and len(ident.fetched_at) == 4
+            # Operators see why a fetch happened out of turn.
+            assert [r.getMessage() for r in caplog.records if r.levelname == "INFO"] == [
+                f"upstream refused the token for {AUD} (401): fetching a new one"
+            ]
+            # A failed forced fetch means no retry; the token it meant to replace still serves.
+            await run_for(loop, 70, step=1.0)
+            assert await cache.force_refresh(key, c) is None
+            assert len(ident.fetched_at) == 5
+            assert await cache.get(key) == c
+            assert await cache.force_refresh(TokenKey("nobody", AUD), c) is None
+        finally:
+            await cache.close()
+        assert await cache.force_refresh(key, c) is None  # closed
+
+    on_manual_clock(scenario)
+
+
+def test_every_fetch_outcome_is_reported_for_its_key_and_logged(google, caplog):
+    async def scenario(loop: ManualClockLoop) -> None:
+        ident = Scripted(google, loop, 3600, SAME, OSError("token endpoint unreachable"), 3600)
+        ident.token_aud = "https://their.example"
+        outcomes: list[tuple[TokenKey, str]] = []
+        cache = TokenCache(clock=ident.wall, on_refresh=lambda k, outcome: outcomes.append((k, outcome)))
+        key = cache.register(ident, AUD)
+        try:
+            caplog.clear()
+            await cache.get(key)
+            # The first token is news (INFO), with the audience the source chose.
+            (first,) = [r for r in caplog.records if r.name == "proxy.auth.tokens" and r.levelname == "INFO"]
+            assert first.getMessage().startswith(
+                f"token for {AUD} from service_account (developer@example.com) valid for 3600 s (token audience https://their.example); next refresh in"
+            )
+            for _ in range(3):
+                await next_fetch(loop, ident, within=3600, step=1.0)
+            caplog.clear()
+            await next_fetch(loop, ident, within=3600, step=1.0)
+            # Later ones are routine (DEBUG).
+            assert not [r for r in caplog.records if r.name == "proxy.auth.tokens" and r.levelname == "INFO"]
+            assert any(r.getMessage().startswith(f"token for {AUD} from") for r in caplog.records if r.levelname == "DEBUG")
+        finally:
+            await cache.close()
+        assert outcomes == [(key, "ok"), (key, "unchanged"), (key, "error"), (key, "ok"), (key, "ok")]
+
+    on_manual_clock(scenario)

@@ -11,6 +11,9 @@
   retried with backoff; with no valid token, requests fail closed with 503.
 - ``force_refresh`` serves the one retry after an upstream 401 (``reauth.py``),
   rate-limited per key.
+- Two clocks: the wall clock (``clock=``, injectable) for the JWT's ``exp``; the
+  event loop's monotonic clock for the refresh timers and the backoff alike, so
+  that a test on a loop whose clock it moves drives both without sleeping.
 """
 
 from __future__ import annotations
@@ -64,7 +67,7 @@ class _Entry:
     failures: int = 0
     last_error: str | None = None
     last_hint: str | None = None
-    next_attempt: float = 0.0  # monotonic time of the next attempt after a failure
+    next_attempt: float = 0.0  # loop time of the next attempt after a failure
     forced_at: float | None = None  # clock() of the last forced refresh
     noted_aud: str | None = None  # token audience the mismatch warning was logged for
     note: str | None = None
@@ -133,7 +136,7 @@ class TokenCache:
 
     async def _wait_fresh(self, key: TokenKey, entry: _Entry) -> str:
         entry.waited += 1
-        if entry.inflight is None and entry.failures and time.monotonic() < entry.next_attempt:
+        if entry.inflight is None and entry.failures and asyncio.get_running_loop().time() < entry.next_attempt:
             # Backing off after a failure: answer now rather than hammer the source
             # once per request; the scheduled attempt brings recovery.
             raise self._unavailable(entry)
@@ -152,7 +155,7 @@ class TokenCache:
         return m.token
 
     def _unavailable(self, entry: _Entry) -> TokenUnavailable:
-        retry = max(1, round(entry.next_attempt - time.monotonic())) if entry.next_attempt else 5
+        retry = max(1, round(entry.next_attempt - asyncio.get_running_loop().time())) if entry.next_attempt else 5
         return TokenUnavailable(
             f"no ID token for audience {entry.audience}: {entry.last_error or 'no valid token'}",
             entry.last_hint,
@@ -192,7 +195,7 @@ class TokenCache:
         except _Failure as f:
             entry.inflight = None
             self._failed(key, entry, f)
-            raise TokenUnavailable(f.reason, f.hint, retry_after=max(1, round(entry.next_attempt - time.monotonic()))) from None
+            raise TokenUnavailable(f.reason, f.hint, retry_after=max(1, round(entry.next_attempt - asyncio.get_running_loop().time()))) from None
         entry.inflight = None
         entry.failures = 0
         entry.last_error = entry.last_hint = None
@@ -237,7 +240,7 @@ class TokenCache:
         if left > 0:
             # Try again well before the token that still serves runs out.
             delay = max(0.5, min(delay, left / 2))
-        entry.next_attempt = time.monotonic() + delay
+        entry.next_attempt = asyncio.get_running_loop().time() + delay
         log.warning(
             "token refresh failed for %s as %s (%s; retry in %.0f s%s)%s",
             entry.audience,
