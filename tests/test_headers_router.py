@@ -308,7 +308,8 @@ def test_router_hosts_and_a_host_without_routes_of_its_own():
     assert router.match("other.localhost", split_target("/api/x"))[0].name == "r1"
     assert router.match(None, split_target("/api"))[1] == ""
     only_hosts = _router(("/", "https://a.run.app", "app.localhost"))
-    with pytest.raises(NoRoute, match="configured prefixes: none"):
+    # Only host routes (a whole project's shape): the refusal says where the services are.
+    with pytest.raises(NoRoute, match="^no service is served at localhost; the services are at app.localhost$"):
         only_hosts.match("localhost", split_target("/x"))
 
 
