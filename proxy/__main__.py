@@ -41,15 +41,28 @@ ENV_PREFIX = "IDTOKEN_PROXY_"
 log = logging.getLogger("idtoken_proxy")
 
 
-def _env_default(parser: argparse.ArgumentParser, env: Mapping[str, str]) -> None:
+class _Parser(argparse.ArgumentParser):
+    """An ArgumentParser that keeps the options it was given (for IDTOKEN_PROXY_* defaults)."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        self.options: list[argparse.Action] = []
+        super().__init__(*args, **kwargs)
+
+    def add_argument(self, *args: Any, **kwargs: Any) -> argparse.Action:
+        action = super().add_argument(*args, **kwargs)
+        self.options.append(action)
+        return action
+
+
+def _env_default(parser: _Parser, env: Mapping[str, str]) -> None:
     """Let IDTOKEN_PROXY_<DEST> supply a default for every option."""
-    for action in parser._actions:
+    for action in parser.options:
         if not action.option_strings or action.dest in ("help", "version"):
             continue
         name = ENV_PREFIX + action.dest.upper()
         if name in env:
             value: Any = env[name]
-            if isinstance(action, argparse._StoreTrueAction):
+            if action.nargs == 0 and action.const is True:  # store_true
                 value = value.strip().lower() in ("1", "true", "yes", "on")
             elif callable(action.type):
                 try:
@@ -64,8 +77,8 @@ def _env_default(parser: argparse.ArgumentParser, env: Mapping[str, str]) -> Non
             action.help += f" [env {name}]"
 
 
-def serve_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+def serve_parser() -> _Parser:
+    p = _Parser(
         prog="idtoken-proxy",
         description=(
             "Local authenticating reverse proxy for private Cloud Run services and Cloud Functions: "
