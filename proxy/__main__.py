@@ -342,7 +342,7 @@ def cmd_token(argv: Sequence[str], env: Mapping[str, str]) -> int:
     p.add_argument("audience", help="the audience, usually the service URL")
     p.add_argument("--config", metavar="FILE", default=env.get(ENV_PREFIX + "CONFIG"), help="use the config's top-level credentials")
     args = p.parse_args(argv)
-    from .auth.identity import build_identity
+    from .auth.choose import build_identity
     from .config import Credentials
 
     setup_logging("warning")

@@ -8,7 +8,8 @@ from collections.abc import Callable, Coroutine, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Final
 
-from .auth.identity import Identity, build_identity
+from .auth.choose import build_identity
+from .auth.identity import Identity
 from .auth.tokens import TokenCache
 from .config import Config, ConfigError, Credentials
 from .engine.http1 import Body, RequestHead, Response

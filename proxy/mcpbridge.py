@@ -123,7 +123,7 @@ def cmd_mcp(argv: Sequence[str], env: Mapping[str, str]) -> int:
         for name in ("httpx2", "mcp"):
             logging.getLogger(name).setLevel(logging.WARNING)
 
-    from .auth.identity import build_identity
+    from .auth.choose import build_identity
     from .auth.tokens import TokenCache
 
     try:

@@ -103,7 +103,7 @@ def test_quick_run_prints_ratio_and_every_proxied_request_succeeds(clean_env: Cl
 
 @pytest.mark.parametrize("duration", [6, 10, 20, 60])
 def test_refresh_lifetime_gives_at_least_three_refreshes_per_window(duration: int) -> None:
-    from proxy.auth.identity import MetadataIdentity
+    from proxy.auth.metadata import MetadataIdentity
     from proxy.auth.tokens import MIN_TTL, refresh_delay
 
     lifetime = bench.refresh_lifetime(duration)

@@ -13,14 +13,12 @@ import pytest
 
 from proxy.config import Credentials
 from proxy.errors import CredentialError
-from proxy.auth.identity import (
-    GcloudIdentity,
-    ImpersonateIdentity,
-    MetadataIdentity,
-    ServiceAccountIdentity,
-    UserIdentity,
-    build_identity,
-)
+from proxy.auth.choose import build_identity
+from proxy.auth.gcloud import GcloudIdentity
+from proxy.auth.impersonate import ImpersonateIdentity
+from proxy.auth.metadata import MetadataIdentity
+from proxy.auth.service_account import ServiceAccountIdentity
+from proxy.auth.user import UserIdentity
 from tests.fakes import DEFAULT_USER_EMAIL
 
 from .test_identity_support import no_metadata, sa_email, user_token_endpoint  # noqa: F401

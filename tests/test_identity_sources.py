@@ -15,7 +15,10 @@ import pytest
 
 from proxy.config import Credentials
 from proxy.errors import CredentialError
-from proxy.auth.identity import GcloudIdentity, ImpersonateIdentity, UserIdentity, build_identity
+from proxy.auth.choose import build_identity
+from proxy.auth.gcloud import GcloudIdentity
+from proxy.auth.impersonate import ImpersonateIdentity
+from proxy.auth.user import UserIdentity
 from tests.fakes import ADC_CLIENT_ID, DEFAULT_USER_EMAIL, GCLOUD_CLIENT_ID, install_gcloud_stub
 
 from .test_identity_support import client, eventually, iam, no_metadata, sa_email, user_token_endpoint  # noqa: F401
@@ -300,7 +303,7 @@ async def test_gcloud_that_hangs_is_killed(clean_env, monkeypatch, tmp_path):
         f'echo $$ > {pid_file}\nexec sleep 60\n'
     )
     script.chmod(0o755)
-    monkeypatch.setattr("proxy.auth.identity.GCLOUD_TIMEOUT", 1.0)
+    monkeypatch.setattr("proxy.auth.gcloud.GCLOUD_TIMEOUT", 1.0)
     ident = build_identity(Credentials(source="gcloud"))
     assert isinstance(ident, GcloudIdentity)
     with pytest.raises(CredentialError) as e:

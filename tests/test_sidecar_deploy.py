@@ -25,7 +25,7 @@ from proxy.config import Config, is_loopback_host
 from proxy.engine.http1 import ServerState
 from proxy.engine.listen import Listener
 from proxy.ops.health import HEALTHZ_PATH, READYZ_PATH
-from proxy.auth.identity import StaticIdentity
+from proxy.auth.static import StaticIdentity
 from proxy.ops.metrics import METRICS_PATH
 
 from .test_sidecar_image import env_of, exec_form, parse_dockerfile

@@ -10,7 +10,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from proxy.app import STATE, make_app
 from proxy.config import Config, parse_config
-from proxy.auth.identity import StaticIdentity
+from proxy.auth.static import StaticIdentity
 from proxy.ops.metrics import ProxyMetrics
 from proxy.server import ProxyServer
 

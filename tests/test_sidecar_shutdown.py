@@ -17,7 +17,7 @@ from aiohttp import WSCloseCode, WSMsgType, web
 
 from proxy.app import STATE, make_app
 from proxy.config import parse_config
-from proxy.auth.identity import StaticIdentity
+from proxy.auth.static import StaticIdentity
 from proxy.server import EXIT_FORCED, ProxyServer
 
 from .test_sidecar_support import ProxyProcess, Upstream, clean_env, eventually, get_status, mint_jwt, write_config

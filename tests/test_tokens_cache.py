@@ -16,7 +16,10 @@ import pytest
 
 from proxy.config import Credentials
 from proxy.errors import TokenUnavailable
-from proxy.auth.identity import Identity, Minted, ServiceAccountIdentity, StaticIdentity, build_identity
+from proxy.auth.choose import build_identity
+from proxy.auth.identity import Identity, Minted
+from proxy.auth.service_account import ServiceAccountIdentity
+from proxy.auth.static import StaticIdentity
 from proxy.auth.tokens import MIN_TTL, TokenCache, TokenKey, refresh_delay
 
 from .test_identity_support import client, eventually  # noqa: F401

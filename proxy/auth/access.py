@@ -23,22 +23,14 @@ from typing import Any
 import google.auth.credentials
 
 from ..errors import CredentialError, redact
-from .identity import (
-    CLOUD_PLATFORM_SCOPE,
-    GCLOUD_TIMEOUT,
-    GcloudIdentity,
-    Identity,
-    ImpersonateIdentity,
-    MetadataIdentity,
-    ServiceAccountIdentity,
-    StaticIdentity,
-    UserIdentity,
-    _gcloud_env,
-    adc_source,
-    jwt_claims,
-    load_json_key,
-    source_from_file,
-)
+from .adc import adc_source, source_from_file
+from .gcloud import GCLOUD_TIMEOUT, GcloudIdentity, _gcloud_env
+from .identity import CLOUD_PLATFORM_SCOPE, Identity, jwt_claims, load_json_key
+from .impersonate import ImpersonateIdentity
+from .metadata import MetadataIdentity
+from .service_account import ServiceAccountIdentity
+from .static import StaticIdentity
+from .user import UserIdentity
 
 log = logging.getLogger(__name__)
 

@@ -20,7 +20,8 @@ from collections.abc import Callable, Coroutine, Mapping
 from typing import Any
 
 from ..auth.access import access_credentials
-from ..auth.identity import Identity, build_identity
+from ..auth.choose import build_identity
+from ..auth.identity import Identity
 from ..config import Config, Credentials
 from .api import AdminApi
 from .defaults import PROJECT_HINT, Defaults
