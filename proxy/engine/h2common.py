@@ -165,6 +165,9 @@ class Stream:
         while not self._inbound:
             if self.reset is not None:
                 raise self.reset
+            if self.closed:
+                # Cancelled from our side: nothing more will arrive.
+                raise StreamReset(h2.errors.ErrorCodes.CANCEL, "stream cancelled")
             self._readable = self.endpoint.loop.create_future()
             await self._readable
         return self._inbound.popleft()
@@ -206,6 +209,9 @@ class Stream:
                 raise self.reset
             if ep.closed_exc is not None:
                 raise ep.closed_exc
+            if self.closed and not self.ended_outbound:
+                # Cancelled from our side (cancel): nothing more may be sent.
+                raise StreamReset(h2.errors.ErrorCodes.CANCEL, "stream cancelled")
             if ep.write_paused:
                 await ep.drained()
                 continue
@@ -238,6 +244,9 @@ class Stream:
         if self.closed or self.reset is not None:
             return
         self.closed = True
+        # Whoever waits to read or to send on it must not wait forever.
+        self._wake_reader()
+        self._wake_window()
         try:
             self.endpoint.conn.reset_stream(self.id, error_code)
             self.endpoint.flush()

@@ -97,12 +97,14 @@ class H2ServerConnection(Endpoint):
             self.shutdown()
 
     def connection_lost(self, exc: Exception | None) -> None:
+        # Taken before the base class lets go of them: their handlers are cancelled.
+        streams = list(self.streams.values())
         super().connection_lost(exc)
         if self._idle_timer is not None:
             self._idle_timer.cancel()
             self._idle_timer = None
-        for stream in list(self.streams.values()):
-            if isinstance(stream, ServerStream) and stream.task is not None:
+        for stream in streams:
+            if isinstance(stream, ServerStream) and stream.task is not None and not stream.task.done():
                 stream.task.cancel()
         self._wake_idle()
         if self.on_close is not None:
