@@ -209,16 +209,16 @@ class LoopBatchingHandler(logging.StreamHandler):  # type: ignore[type-arg]
             self.release()
 
     def _add(self, line: str) -> None:
+        self._pending.append(line)
+        if self._scheduled:
+            return
         try:
             loop = asyncio.get_running_loop()
         except RuntimeError:
-            self._pending.append(line)
             self._write_pending()
             return
-        self._pending.append(line)
-        if not self._scheduled:
-            self._scheduled = True
-            loop.call_soon(self.flush)
+        self._scheduled = True
+        loop.call_soon(self.flush)
 
     def _write_pending(self) -> None:
         if self._pending:
