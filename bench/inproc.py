@@ -98,7 +98,15 @@ async def run(requests: int, connections: int, profile: bool) -> float:
     await app.startup()
     exchange = app.exchange
     await exchange.tokens.wait_ready(5)
-    state = ServerState(exchange, config.limits, loop)
+    service: Any = exchange
+    if os.environ.get("INPROC_ENGINE_ONLY"):
+        # The HTTP/1.1 engine alone: a service that answers at once, with no upstream.
+        class Answer:
+            async def handle(self, head: Any, body: Any, response: Any) -> None:
+                response.send_raw(200, "OK", RESPONSE[: RESPONSE.index(b"\r\n\r\n") + 4], b"x" * 100)
+
+        service = Answer()
+    state = ServerState(service, config.limits, loop)
     route = exchange.router.routes[0]
     origin = exchange.origin_for(route)
     done = asyncio.Event()

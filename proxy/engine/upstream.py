@@ -128,8 +128,11 @@ class UpstreamConnection(asyncio.BufferedProtocol):
         self.transport: asyncio.Transport | None = None
         self.closed = False
         self.idle_since = 0.0
-        #: Fires at the route's deadline unless the response head came first.
+        #: Checks the route's deadline for the response head (see send): one timer that
+        #: outlives the exchanges it checks, instead of one made and cancelled per request.
         self.timer: asyncio.TimerHandle | None = None
+        #: Loop time by which the response head must be in (0: no response awaited).
+        self.deadline = 0.0
         #: Whether a 101 is the answer awaited (an upgrade request): then the tunnel takes over.
         self.upgrade = False
         #: After a 101: where the upstream's bytes go (engine/tunnel.py), and those that came with the head.
@@ -301,9 +304,7 @@ class UpstreamConnection(asyncio.BufferedProtocol):
         self.status = status
         self.keep_alive = bool(self.parser.should_keep_alive()) and status != 101
         self.until_eof = not self.seen & (_LENGTH | _CHUNKED) and status not in (101, 204, 304)
-        if self.timer is not None:
-            self.timer.cancel()
-            self.timer = None
+        self.deadline = 0.0
         if self.head_only:
             # A response to HEAD has no body whatever its headers say; llhttp cannot be
             # told, so the exchange ends here and the connection is not reused.
@@ -356,7 +357,12 @@ class UpstreamConnection(asyncio.BufferedProtocol):
         self.head_only = head_only
         self.parser = httptools.HttpResponseParser(self)
         self.head = self.loop.create_future()
-        self.timer = self.loop.call_at(deadline, self._head_timeout)
+        self.deadline = deadline
+        timer = self.timer
+        if timer is None or timer.when() > deadline:
+            if timer is not None:
+                timer.cancel()
+            self.timer = self.loop.call_at(deadline, self._head_timeout)
         assert self.transport is not None
         if body is None or isinstance(body, bytes):
             self.transport.write(head + body if body else head)
@@ -430,6 +436,13 @@ class UpstreamConnection(asyncio.BufferedProtocol):
 
     def _head_timeout(self) -> None:
         self.timer = None
+        deadline = self.deadline
+        if not deadline or self.closed:
+            return  # the head came (or the connection is gone): nothing to check until the next send
+        if self.loop.time() < deadline:
+            # An exchange begun after the one this timer was set for: check at its deadline.
+            self.timer = self.loop.call_at(deadline, self._head_timeout)
+            return
         self._fail(TimeoutError())
         self.close()
 
