@@ -35,7 +35,6 @@ import logging
 import re
 import time
 from collections.abc import Awaitable, Callable, Iterable
-from email.utils import formatdate
 from http import HTTPStatus
 from typing import Protocol, cast
 
@@ -44,6 +43,7 @@ from multidict import CIMultiDict
 
 from ..config import Limits
 from ..errors import FramingError
+from .httpdate import http_date
 
 log = logging.getLogger(__name__)
 
@@ -91,7 +91,7 @@ class _DateCache:
         now = int(time.time())
         if now != self.second:
             self.second = now
-            self.value = formatdate(now, usegmt=True)
+            self.value = http_date(now)
         return self.value
 
 
