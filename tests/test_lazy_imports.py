@@ -6,7 +6,7 @@ runs in a fresh interpreter, because this test process has google-auth loaded
 already (tests/fakes). The watched modules cost ~15 MiB (google-auth's service
 account path with requests) and ~1 MiB (prometheus-client) of resident memory;
 difflib (~0.15 MiB) is for the "did you mean" of a config error only. The
-HTTP/2 side (h2, hpack, hyperframe: ~1.5 MiB) loads with the first connection
+HTTP/2 side (h2, hpack, hyperframe: 1-2 MiB) loads with the first connection
 that opens with the HTTP/2 preface.
 """
 
