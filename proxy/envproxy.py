@@ -12,7 +12,6 @@ from __future__ import annotations
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass
-from urllib import request as _urllib_request
 from urllib.parse import unquote, urlsplit
 
 from .engine.upstream import Via
@@ -62,6 +61,9 @@ def proxy_for(scheme: str, host: str, port: int, environ: Mapping[str, str] | No
     raw = proxies.get(scheme) or proxies.get("all")
     if not raw:
         return None
+    # Only with a proxy configured: urllib.request brings http.client and email (~2 MiB resident).
+    from urllib import request as _urllib_request
+
     host_lit = f"[{host}]" if ":" in host else host
     # urllib's NO_PROXY matching (suffixes, "*", host:port entries); untyped in typeshed.
     bypass = _urllib_request.proxy_bypass_environment  # type: ignore[attr-defined]

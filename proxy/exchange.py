@@ -27,19 +27,15 @@ import logging
 import ssl
 import time
 from collections.abc import AsyncIterator, Callable
-from typing import cast
+from typing import TYPE_CHECKING, cast
 
-import h2.errors
 from multidict import CIMultiDict
 
 from .auth import reauth
 from .auth.tokens import TokenCache
 from .config import RESERVED_PREFIX, Config
-from .engine.h2common import StreamReset
-from .engine.h2relay import link_resets, pump_request, pump_response
-from .engine.h2server import CONNECTION_SPECIFIC, H2Body, H2RequestHead, H2Response, ServerStream, response_headers
-from .engine.h2upstream import H2Pool, H2UpstreamError, UpstreamStream
-from .engine.h2upstream import Origin as H2Origin
+from .engine.h2lazy import LazyH2Pool
+from .engine.h2stream import CONNECTION_SPECIFIC, H2Body, H2RequestHead, H2Response, response_headers
 from .engine.http1 import Body, RequestHead, Response
 from .engine.tunnel import Tunnel
 from .engine.upstream import (
@@ -71,6 +67,11 @@ from .policy.guard import Guard, log_preflight, log_refusal, preflight_headers, 
 from .policy.headers import rewrite_location, rewrite_same_origin, rewrite_set_cookies, upstream_request_headers
 from .policy.router import CompiledRoute, Router, split_target
 from .websocket import agreed_handshake, handshake_headers, switching_headers
+
+# The HTTP/2 modules proper (h2, hpack) are imported by the first HTTP/2 connection (engine/h2lazy.py).
+if TYPE_CHECKING:
+    from .engine.h2server import ServerStream
+    from .engine.h2upstream import UpstreamStream
 
 log = logging.getLogger(__name__)
 
@@ -116,7 +117,7 @@ class Exchange:
         pages: dict[str, Callable[[], Page]],
         pool: Pool | None = None,
         proxies: dict[str, UpstreamProxy | None] | None = None,
-        h2pool: H2Pool | None = None,
+        h2pool: LazyH2Pool | None = None,
     ) -> None:
         self.config = config
         self.router = router
@@ -127,7 +128,7 @@ class Exchange:
         self.pages = pages
         self.pool = pool if pool is not None else Pool()
         #: HTTP/2 connections to upstreams, for requests that came over HTTP/2.
-        self.h2pool = h2pool if h2pool is not None else H2Pool()
+        self.h2pool = h2pool if h2pool is not None else LazyH2Pool()
         #: Each route's outbound proxy (HTTPS_PROXY/NO_PROXY), resolved once (envproxy.py).
         self.proxies: dict[str, UpstreamProxy | None] = (
             proxies if proxies is not None else {r.name: proxy_for(r.scheme, r.host, r.port) for r in router.routes}
@@ -324,6 +325,14 @@ class Exchange:
     async def _forward_h2(
         self, ctx: Context, route: CompiledRoute, out: CIMultiDict[str], path_qs: str, upload: bytes | None, token: str
     ) -> None:
+        # Loaded already (an HTTP/2 connection brought this request), cached after the first call.
+        import h2.errors
+
+        from .engine.h2common import StreamReset
+        from .engine.h2relay import link_resets, pump_request, pump_response
+        from .engine.h2upstream import H2UpstreamError
+        from .engine.h2upstream import Origin as H2Origin
+
         head = cast(H2RequestHead, ctx.head)
         client = head.stream
         body = cast(H2Body, ctx.body)
@@ -654,6 +663,8 @@ class _H2Attempt:
                 self.status = int(v)
 
     def release(self) -> None:
+        import h2.errors  # loaded already: the stream exists
+
         if self.sending is not None:
             self.sending.cancel()
         self.upstream.cancel(h2.errors.ErrorCodes.CANCEL)

@@ -25,7 +25,7 @@ from typing import Any
 
 from .app import App, make_admin_app
 from .config import Config, is_loopback_host
-from .engine.h2server import H2Connections
+from .engine.h2lazy import LazyH2Connections
 from .engine.http1 import ServerState, Service
 from .engine.listen import Listener
 from .ops.logs import setup_logging
@@ -119,8 +119,8 @@ class ProxyServer:
         await self.app.startup()
         self._started = True
         # HTTP/2 with prior knowledge on the same port (engine/h2server.py), each stream on the
-        # request path of the moment (a reload swaps it).
-        h2 = H2Connections(lambda stream: self.app.exchange.handle_h2(stream), config.limits.keepalive_timeout)
+        # request path of the moment (a reload swaps it); h2 is imported at the first such connection.
+        h2 = LazyH2Connections(lambda stream: self.app.exchange.handle_h2(stream), config.limits.keepalive_timeout)
         self.main = ServerState(self.app.exchange, config.limits, loop, h2=h2)
         try:
             # Accepts connections in batches: uvloop's own accept takes one per loop turn (listen.py).

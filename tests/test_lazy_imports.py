@@ -5,23 +5,39 @@ them is built; prometheus-client only at the first metrics scrape. Each check
 runs in a fresh interpreter, because this test process has google-auth loaded
 already (tests/fakes). The watched modules cost ~15 MiB (google-auth's service
 account path with requests) and ~1 MiB (prometheus-client) of resident memory;
-difflib (~0.15 MiB) is for the "did you mean" of a config error only.
+difflib (~0.15 MiB) is for the "did you mean" of a config error only. The
+HTTP/2 side (h2, hpack, hyperframe: 1-2 MiB) loads with the first connection
+that opens with the HTTP/2 preface.
 """
 
 from __future__ import annotations
 
 import json
+import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
 from typing import Any
 
+import pytest
 from prometheus_client.parser import text_string_to_metric_families
+
+from proxy.ops.logs import quiet_token_loggers
+from tests.fakes.h2_service import H2PrivateService
 
 ROOT = Path(__file__).resolve().parent.parent
 
 #: Modules a static-token proxy must not carry until something asks for them.
 WATCHED = ["google.auth", "google.oauth2", "google.auth.transport.requests", "requests", "urllib3", "prometheus_client", "difflib"]
+#: The HTTP/2 side: libraries and our modules that import them.
+HTTP2 = ["h2", "hpack", "hyperframe", "proxy.engine.h2common", "proxy.engine.h2server", "proxy.engine.h2upstream", "proxy.engine.h2relay"]
+#: Standard-library and third-party modules a running HTTP/1.1 proxy has no use for
+#: (urllib.request only with an outbound proxy, yarl only outside the request path):
+#: each of ~0.5-2 MiB resident with what it brings.
+INCIDENTAL = ["email", "http.client", "urllib.request", "yarl", "html"]
+#: The HTTP/2 client, looked up before clean_env narrows PATH.
+CURL = shutil.which("curl")
 
 # Runs in the child: the command line's own config path, the real app and server on
 # loopback, one proxied request, then one scrape; prints what was loaded when.
@@ -86,6 +102,57 @@ print(json.dumps(out))
 """
 
 
+# Runs in the child: the real app and server on loopback (as in STATIC_SCRIPT), HTTP/1.1
+# requests, then HTTP/2 ones with curl; prints what of the HTTP/2 side was loaded when.
+HTTP2_SCRIPT = r"""
+import asyncio, json, os, subprocess, sys
+
+config_path, watched, curl = sys.argv[1], json.loads(sys.argv[2]), sys.argv[3]
+
+def loaded():
+    return sorted(m for m in watched if m in sys.modules)
+
+from proxy.__main__ import build_config, serve_parser
+from proxy.app import STATE, build_identities, make_app
+from proxy.server import ProxyServer
+
+out = {"after_import": loaded()}
+config = build_config(serve_parser().parse_args(["--config", config_path]), os.environ)
+app = make_app(config, identities=build_identities(config))
+
+async def h1_get(port, path):
+    # A raw HTTP/1.1 client: an HTTP library would import the very modules watched.
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    writer.write(b"GET %s HTTP/1.1\r\nHost: 127.0.0.1:%d\r\nConnection: close\r\n\r\n" % (path.encode(), port))
+    data = await reader.read()
+    writer.close()
+    return data.split(b"\r\n", 1)[0].decode()
+
+def h2_get(url):
+    done = subprocess.run([curl, "-sS", "--http2-prior-knowledge", "-w", "\n%{http_version} %{http_code}", url], capture_output=True, timeout=60)
+    return done.stdout.decode(errors="replace").rsplit("\n", 1)[-1] + done.stderr.decode(errors="replace")
+
+async def main():
+    server = ProxyServer(app, config)
+    await server.start()
+    try:
+        assert await app[STATE].tokens.wait_ready(20)
+        out["after_start"] = loaded()
+        port = server.addresses[0][1]
+        base = "http://127.0.0.1:%d" % port
+        out["http1"] = await h1_get(port, "/hello")
+        out["after_http1"] = loaded()
+        out["http2"] = await asyncio.to_thread(h2_get, base + "/hello")
+        out["after_http2"] = loaded()
+        out["http2_again"] = await asyncio.to_thread(h2_get, base + "/hello")
+    finally:
+        await server.stop()
+
+asyncio.run(main())
+print(json.dumps(out))
+"""
+
+
 def run_child(script: str, *args: str, env: dict[str, str]) -> dict[str, Any]:
     done = subprocess.run(
         [sys.executable, "-c", script, *args], capture_output=True, text=True, env=env, cwd=ROOT, timeout=90
@@ -143,3 +210,34 @@ def test_service_account_source_imports_google_auth_when_built(
     assert "google.oauth2" in out["after_build"]
     assert out["token"] == {"aud": audience, "email": email, "source": "service_account"}
     assert google.calls["token"] == 1
+
+
+def test_http2_side_loads_with_the_first_http2_connection_and_incidental_modules_never(tmp_path: Path, clean_env: Any, google: Any, fake_google: Any) -> None:
+    curl = CURL
+    if curl is None:
+        if os.environ.get("CI") == "true":
+            pytest.fail("curl is not installed (tests/run.sh installs it)")
+        pytest.skip("curl is not installed")
+    # The upstream runs in this process: hpack would log its headers, the token among them, at DEBUG.
+    quiet_token_loggers()
+    with H2PrivateService(fake_google.certs_url) as service:
+        token = google.mint(service.url)
+        config = tmp_path / "proxy.yaml"
+        config.write_text(
+            "listen: {host: 127.0.0.1, port: 0}\n"
+            "credentials: {source: static, token_env: LAZY_TEST_TOKEN}\n"
+            f"routes:\n  - name: svc\n    upstream: {service.url}\n"
+        )
+        out = run_child(HTTP2_SCRIPT, str(config), json.dumps(HTTP2 + INCIDENTAL), curl, env=clean_env.env(LAZY_TEST_TOKEN=token))
+        seen = [r.http_version for r in service.requests]
+
+    assert out["after_import"] == []
+    assert out["after_start"] == []
+    # An HTTP/1.1 request (to an HTTP/2-capable upstream: HTTP/1.1 goes upstream as HTTP/1.1) loads none of it.
+    assert out["http1"] == "HTTP/1.1 200 OK"
+    assert out["after_http1"] == []
+    # The first connection with the HTTP/2 preface loads it, and the request goes through end to end over HTTP/2.
+    assert out["http2"] == "2 200", out["http2"]
+    assert out["after_http2"] == sorted(HTTP2)
+    assert out["http2_again"] == "2 200", out["http2_again"]
+    assert seen == ["1.1", "2", "2"]

@@ -35,7 +35,6 @@ import logging
 import re
 import time
 from collections.abc import Awaitable, Callable, Iterable
-from email.utils import formatdate
 from http import HTTPStatus
 from typing import Protocol, cast
 
@@ -44,6 +43,7 @@ from multidict import CIMultiDict
 
 from ..config import Limits
 from ..errors import FramingError
+from .httpdate import http_date
 
 log = logging.getLogger(__name__)
 
@@ -91,7 +91,7 @@ class _DateCache:
         now = int(time.time())
         if now != self.second:
             self.second = now
-            self.value = formatdate(now, usegmt=True)
+            self.value = http_date(now)
         return self.value
 
 
@@ -531,6 +531,13 @@ class HTTP1Protocol(asyncio.BufferedProtocol):
     object each time): under many large uploads that was memory for nothing.
     """
 
+    # No per-connection __dict__: idle keep-alive connections stay small.
+    __slots__ = (
+        "_arrived", "_closing", "_drain_waiters", "_head_started", "_headers", "_incoming", "_pauses", "_requests", "_sniff", "_timer", "_upgraded",
+        "_url", "_url_size", "_write_paused", "cycle", "in_head", "limits", "loop", "lost", "parser", "pipeline", "remote", "server", "transport",
+        "tunnel",
+    )
+
     def __init__(self, server: ServerState) -> None:
         self.server = server
         self.loop = server.loop
@@ -547,8 +554,10 @@ class HTTP1Protocol(asyncio.BufferedProtocol):
         self.in_head = False
         #: The request being handled, and the ones pipelined behind it.
         self.cycle: Cycle | None = None
-        self.pipeline: collections.deque[Cycle] = collections.deque()
-        self._pauses: set[str] = set()
+        # Lists, not a deque and a set: empty, they take 56 bytes each where those take 600 and 200,
+        # on every connection; a pipeline is a few requests long, the reasons to pause at most four.
+        self.pipeline: list[Cycle] = []
+        self._pauses: list[str] = []
         self._write_paused = False
         self._drain_waiters: list[asyncio.Future[None]] = []
         #: The head deadline (or the lingering close's end).
@@ -825,7 +834,7 @@ class HTTP1Protocol(asyncio.BufferedProtocol):
             self.close()
             return
         if self.pipeline:
-            self._start(self.pipeline.popleft())
+            self._start(self.pipeline.pop(0))
             if not self.pipeline:
                 self.resume_reading("pipeline")
             return
@@ -926,12 +935,13 @@ class HTTP1Protocol(asyncio.BufferedProtocol):
     def pause_reading(self, why: str) -> None:
         if not self._pauses and self.transport is not None and not self.transport.is_closing():
             self.transport.pause_reading()
-        self._pauses.add(why)
+        if why not in self._pauses:
+            self._pauses.append(why)
 
     def resume_reading(self, why: str) -> None:
         if why not in self._pauses:
             return
-        self._pauses.discard(why)
+        self._pauses.remove(why)
         if not self._pauses and self.transport is not None and not self.transport.is_closing():
             self.transport.resume_reading()
 

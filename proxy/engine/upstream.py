@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import asyncio
 import base64
-import collections
 import ssl
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
@@ -122,6 +121,14 @@ class UpstreamConnection(asyncio.BufferedProtocol):
     most of the proxy's memory.
     """
 
+    # No per-connection __dict__: idle pooled connections stay small.
+    __slots__ = (
+        "_connect_reply", "_connect_waiter", "_drain_waiters", "_write_paused", "body_sent", "buffered", "chunks", "closed", "complete",
+        "connection_values", "error", "head", "head_bytes", "head_error", "head_only", "idle_since", "keep_alive", "leftover", "loop", "parser",
+        "paused", "raw_headers", "read_buffer", "reason", "received", "seen", "sender", "sink", "sink_error", "status", "timer", "transport",
+        "tunnel", "until_eof", "upgrade", "waiter",
+    )
+
     def __init__(self, loop: asyncio.AbstractEventLoop, read_buffer: memoryview | None = None) -> None:
         self.loop = loop
         self.read_buffer = read_buffer if read_buffer is not None else memoryview(bytearray(_READ_SIZE))
@@ -157,7 +164,8 @@ class UpstreamConnection(asyncio.BufferedProtocol):
         self.seen = 0
         self.head_bytes = 0
         self.head_error: UpstreamProtocolError | None = None
-        self.chunks: collections.deque[bytes] = collections.deque()
+        #: A list, not a deque: only appended, joined and cleared, and an idle pooled connection keeps no block.
+        self.chunks: list[bytes] = []
         self.buffered = 0
         self.complete = False
         self.keep_alive = False

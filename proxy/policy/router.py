@@ -9,14 +9,15 @@ only; nothing in the request can change the host.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import NamedTuple
+from typing import TYPE_CHECKING, NamedTuple
 from urllib.parse import unquote
-
-from yarl import URL
 
 from ..auth.tokens import TokenKey
 from ..config import RESERVED_PREFIX, Route
 from ..errors import BadRequest, NoRoute
+
+if TYPE_CHECKING:
+    from yarl import URL
 
 
 class Target(NamedTuple):
@@ -55,6 +56,9 @@ class CompiledRoute:
 
     def upstream_url(self, rest: str, query: str) -> URL:
         """The upstream URL for the raw path remainder ``rest`` and raw ``query``."""
+        # Not on the request path (that uses upstream_target): yarl, with idna, is ~1 MiB resident.
+        from yarl import URL
+
         path = self.base_path + rest or "/"
         url = URL.build(
             scheme=self.scheme,
