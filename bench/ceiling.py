@@ -61,6 +61,7 @@ class Client(asyncio.Protocol):
         self.upstream: Upstream | None = None
         self.url = b""
         self.headers: list[bytes] = []
+        self.connecting: asyncio.Task[None] | None = None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]
@@ -83,7 +84,7 @@ class Client(asyncio.Protocol):
         if self.upstream is not None and self.upstream.transport is not None:
             self.upstream.transport.write(head)
         else:
-            asyncio.ensure_future(self._connect(head))
+            self.connecting = asyncio.ensure_future(self._connect(head))
 
     async def _connect(self, head: bytes) -> None:
         loop = asyncio.get_running_loop()

@@ -230,7 +230,8 @@ class Exchange:
                 chunked = length is None
 
         # 4. The route's token.
-        token = await self.tokens.get(route.token_key)
+        minted = self.tokens.peek(route.token_key)
+        token = minted.token if minted is not None else await self.tokens.get(route.token_key)
 
         # 5. The upstream request head: strip first, inject last (headers.py).
         host_sent = headers.get("Host")
@@ -263,10 +264,11 @@ class Exchange:
             await self._forward_h2(ctx, route, out, route.upstream_target(rest, split.query), cast(bytes | None, upload), token)
             return
         origin = self.origin_for(route)
-        path_qs = origin.target(route.upstream_target(rest, split.query))
-        proxy_headers = origin.proxy_headers()
-        for name, value in proxy_headers:
-            out[name] = value
+        path_qs = route.upstream_target(rest, split.query)
+        if origin.via is not None:
+            path_qs = origin.target(path_qs)
+            for name, value in origin.proxy_headers():
+                out[name] = value
 
         # 6. The transport; at most one retry with a new token, and only where that is safe (reauth.py).
         loop = self._loop

@@ -533,7 +533,7 @@ class HTTP1Protocol(asyncio.BufferedProtocol):
 
     # No per-connection __dict__: idle keep-alive connections stay small.
     __slots__ = (
-        "_arrived", "_closing", "_drain_waiters", "_head_started", "_headers", "_incoming", "_pauses", "_requests", "_sniff", "_timer", "_upgraded",
+        "_arrived", "_closing", "_drain_waiters", "_head_started", "_headers", "_idle_since", "_incoming", "_keepalive", "_pauses", "_requests", "_sniff", "_timer", "_upgraded",
         "_url", "_url_size", "_write_paused", "cycle", "in_head", "limits", "loop", "lost", "parser", "pipeline", "remote", "server", "transport",
         "tunnel",
     )

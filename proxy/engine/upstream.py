@@ -124,7 +124,7 @@ class UpstreamConnection(asyncio.BufferedProtocol):
     # No per-connection __dict__: idle pooled connections stay small.
     __slots__ = (
         "_connect_reply", "_connect_waiter", "_drain_waiters", "_write_paused", "body_sent", "buffered", "chunks", "closed", "complete",
-        "connection_values", "error", "head", "head_bytes", "head_error", "head_only", "idle_since", "keep_alive", "leftover", "loop", "parser",
+        "connection_values", "deadline", "error", "head", "head_bytes", "head_error", "head_only", "idle_since", "keep_alive", "leftover", "loop", "parser",
         "paused", "raw_headers", "read_buffer", "reason", "received", "seen", "sender", "sink", "sink_error", "status", "timer", "transport",
         "tunnel", "until_eof", "upgrade", "waiter",
     )
@@ -624,6 +624,14 @@ class Origin:
     via: Via | None = None
     #: host[:port] as a Host header or an authority names it.
     authority: str = field(default="", compare=False)
+    #: The hash, computed once: an origin is the pool's key for every request.
+    _hash: int = field(default=0, init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "_hash", hash((self.scheme, self.host, self.port, self.via)))
+
+    def __hash__(self) -> int:
+        return self._hash
 
     @property
     def tls(self) -> bool:
@@ -710,13 +718,17 @@ class Pool:
                 conn.close()
                 continue
             try:
-                await self._wait(conn, conn.send(head, head_only, deadline, body, chunked))
+                await conn.send(head, head_only, deadline, body, chunked)
                 return conn
             except Disconnected as e:
+                conn.close()
                 # A pooled connection the upstream had closed: retry on a fresh one, as
                 # aiohttp's client does (the request was not received).
                 if e.received or not resendable:
                     raise
+            except BaseException:
+                conn.close()
+                raise
         async with asyncio.timeout_at(deadline):
             conn = await self._connect(origin)
         conn.upgrade = upgrade
@@ -759,13 +771,10 @@ class Pool:
 def request_head(method: str, target: str, headers: CIMultiDict[str] | list[tuple[str, str]]) -> bytes | None:
     """The request head as bytes, or None if a value would break the framing."""
     items = headers.items() if isinstance(headers, CIMultiDict) else headers
-    parts = [f"{method} {target} HTTP/1.1\r\n"]
-    for name, value in items:
-        parts.append(f"{name}: {value}\r\n")
-    parts.append("\r\n")
-    text = "".join(parts)
+    fields = [f"{name}: {value}\r\n" for name, value in items]
+    text = f"{method} {target} HTTP/1.1\r\n{''.join(fields)}\r\n"
     # One CR LF per line and no other CR or LF anywhere: no value or name splits a line.
-    lines = len(parts)
+    lines = len(fields) + 2
     if text.count("\n") != lines or text.count("\r") != lines:
         return None
     return text.encode("utf-8", "surrogateescape")
