@@ -66,6 +66,8 @@ LINGER_SECONDS = 2.0
 #: What an HTTP/2 client with prior knowledge sends first (RFC 9113 3.4).
 PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
 _NO_BODY_STATUSES = frozenset({204, 304})
+#: The versions llhttp reports most, as tuples made once.
+_VERSIONS = {"1.1": (1, 1), "1.0": (1, 0)}
 CRLF = "\r\n"
 #: The Server header of the proxy's own answers (an upstream's passes as it is).
 SERVER_LINE = "Server: idtoken-proxy\r\n"
@@ -755,8 +757,10 @@ class HTTP1Protocol(asyncio.BufferedProtocol):
         chunked = "Transfer-Encoding" in headers
         expect = "Expect" in headers and any(v.lower() == "100-continue" for v in headers.getall("Expect"))
         version_text = parser.get_http_version()
-        major, _, minor = version_text.partition(".")
-        version = (int(major or 1), int(minor or 0))
+        version = _VERSIONS.get(version_text)
+        if version is None:
+            major, _, minor = version_text.partition(".")
+            version = (int(major or 1), int(minor or 0))
         if hosts > 1:
             raise _Refused(400, "malformed request: duplicate Host header")
         if hosts == 0 and version >= (1, 1) and version[0] == 1:

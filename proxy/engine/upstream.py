@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import re
 import ssl
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
@@ -57,6 +58,8 @@ _TYPE = 16  # Content-Type
 _CONNECTION = 32
 _REWRITTEN = 64  # a header the proxy rewrites (Location, Set-Cookie) or removes (upstream CORS)
 _UNUSUAL = 128  # a value that is not ASCII, or a Content-Length that is not just digits
+_HOP = 256  # a hop-by-hop header other than Connection and Transfer-Encoding (Keep-Alive, ...)
+_INFORMATIONAL = 512  # a 1xx response came before this one
 #: Names on_header looks for, lower-cased, and the bit each sets.
 _WATCHED = {
     b"content-length": _LENGTH,
@@ -68,12 +71,15 @@ _WATCHED = {
     b"location": _REWRITTEN,
     b"set-cookie": _REWRITTEN,
     **{name.lower().encode(): _REWRITTEN for name in UPSTREAM_CORS},
+    **{name.encode(): _HOP for name in HOP_BY_HOP if name not in ("connection", "transfer-encoding")},
 }
 _WATCHED_LENGTHS = frozenset(len(n) for n in _WATCHED)
 #: A head aiohttp would add nothing to: framed by length, with Date, Server and Content-Type.
 _COMPLETE_HEAD = _LENGTH | _DATE | _SERVER | _TYPE
 #: Connection tokens that name no other header.
 _PLAIN_CONNECTION = frozenset({b"keep-alive", b"close", b""})
+#: A hop-by-hop header's line in a lower-cased head, with the CR LF before it.
+_HOP_LINE = re.compile(rb"\r\n(?:" + b"|".join(re.escape(n) for n in sorted(_HOP_BY_HOP)) + rb"):[^\r]*")
 #: Methods the lean path carries (without a request body).
 METHODS = frozenset({"GET", "HEAD"})
 #: Response body bytes queued for the client before reading from the upstream pauses
@@ -125,7 +131,7 @@ class UpstreamConnection(asyncio.BufferedProtocol):
     __slots__ = (
         "_connect_reply", "_connect_waiter", "_drain_waiters", "_write_paused", "body_sent", "buffered", "chunks", "closed", "complete",
         "connection_values", "deadline", "error", "head", "head_bytes", "head_error", "head_only", "idle_since", "keep_alive", "leftover", "loop", "parser",
-        "paused", "raw_headers", "read_buffer", "reason", "received", "seen", "sender", "sink", "sink_error", "status", "timer", "transport",
+        "paused", "raw_head", "raw_headers", "read_buffer", "reason", "received", "seen", "sender", "sink", "sink_error", "status", "timer", "transport",
         "tunnel", "until_eof", "upgrade", "waiter",
     )
 
@@ -158,6 +164,8 @@ class UpstreamConnection(asyncio.BufferedProtocol):
         self.status = 0
         self.reason = ""
         self.raw_headers: list[tuple[bytes, bytes]] = []
+        #: The response head as the upstream sent it, when the whole response came in one read.
+        self.raw_head: bytes | None = None
         #: Values of Connection headers (the names they list are hop-by-hop too).
         self.connection_values: list[bytes] = []
         #: What on_header noticed (the _LENGTH, _DATE, ... bits).
@@ -205,9 +213,13 @@ class UpstreamConnection(asyncio.BufferedProtocol):
             # Bytes nobody asked for: the framing is off, the connection unusable.
             self.close()
             return
+        first = not self.received
         self.received = True
         try:
             self.parser.feed_data(data)
+            if first and self.complete and not self.seen & (_CHUNKED | _INFORMATIONAL) and self.sink is None:
+                # The whole response in this one read: its head is what precedes its body.
+                self.raw_head = bytes(data[: len(data) - self.buffered])
         except httptools.HttpParserUpgrade as e:
             # The bytes after a 101's head are the tunnel's: kept until it is attached.
             offset = e.args[0] if e.args and isinstance(e.args[0], int) else len(data)
@@ -307,7 +319,7 @@ class UpstreamConnection(asyncio.BufferedProtocol):
             self.reason = ""
             self.raw_headers = []
             self.connection_values = []
-            self.seen = 0
+            self.seen = _INFORMATIONAL
             return
         self.status = status
         self.keep_alive = bool(self.parser.should_keep_alive()) and status != 101
@@ -546,6 +558,23 @@ class UpstreamConnection(asyncio.BufferedProtocol):
             for token in value.split(b","):
                 if token.strip().lower() not in _PLAIN_CONNECTION:
                     return None
+        raw = self.raw_head
+        if raw is not None and raw.startswith(b"HTTP/1.1 "):
+            # The head as it came, less its hop-by-hop lines (Connection, usually alone).
+            lower = raw.lower()
+            if not seen & _HOP:
+                start = lower.find(b"\r\nconnection:")
+                while start >= 0:
+                    end = raw.index(b"\r\n", start + 2)
+                    raw, lower = raw[:start] + raw[end:], lower[:start] + lower[end:]
+                    start = lower.find(b"\r\nconnection:", start)
+                return raw
+            pieces, last = [], 0
+            for match in _HOP_LINE.finditer(lower):
+                pieces.append(raw[last : match.start()])
+                last = match.end()
+            pieces.append(raw[last:])
+            return b"".join(pieces)
         lines = [b"HTTP/1.1 %d %s\r\n" % (self.status, self.reason.encode("ascii"))]
         for name, value in self.raw_headers:
             if len(name) not in _HOP_LENGTHS or name.lower() not in _HOP_BY_HOP:
@@ -770,14 +799,21 @@ class Pool:
 
 def request_head(method: str, target: str, headers: CIMultiDict[str] | list[tuple[str, str]]) -> bytes | None:
     """The request head as bytes, or None if a value would break the framing."""
-    items = headers.items() if isinstance(headers, CIMultiDict) else headers
-    fields = [f"{name}: {value}\r\n" for name, value in items]
-    text = f"{method} {target} HTTP/1.1\r\n{''.join(fields)}\r\n"
+    items = list(headers.items()) if isinstance(headers, CIMultiDict) else headers
+    if not items:
+        text = f"{method} {target} HTTP/1.1\r\n\r\n"
+    else:
+        # "name: value" lines joined in C (str.join over each pair), no formatting per field.
+        text = f"{method} {target} HTTP/1.1\r\n{CRLF.join(map(COLON_SPACE.join, items))}\r\n\r\n"
     # One CR LF per line and no other CR or LF anywhere: no value or name splits a line.
-    lines = len(fields) + 2
+    lines = len(items) + 2
     if text.count("\n") != lines or text.count("\r") != lines:
         return None
     return text.encode("utf-8", "surrogateescape")
+
+
+CRLF = "\r\n"
+COLON_SPACE = ": "
 
 
 __all__ = [
