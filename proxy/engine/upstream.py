@@ -800,11 +800,9 @@ class Pool:
 def request_head(method: str, target: str, headers: CIMultiDict[str] | list[tuple[str, str]]) -> bytes | None:
     """The request head as bytes, or None if a value would break the framing."""
     items = list(headers.items()) if isinstance(headers, CIMultiDict) else headers
-    if not items:
-        text = f"{method} {target} HTTP/1.1\r\n\r\n"
-    else:
-        # "name: value" lines joined in C (str.join over each pair), no formatting per field.
-        text = f"{method} {target} HTTP/1.1\r\n{CRLF.join(map(COLON_SPACE.join, items))}\r\n\r\n"
+    # "name: value" lines joined in C (str.join over each pair), no formatting per field.
+    fields = f"{CRLF.join(map(COLON_SPACE.join, items))}\r\n" if items else ""
+    text = f"{method} {target} HTTP/1.1\r\n{fields}\r\n"
     # One CR LF per line and no other CR or LF anywhere: no value or name splits a line.
     lines = len(items) + 2
     if text.count("\n") != lines or text.count("\r") != lines:
