@@ -724,9 +724,11 @@ class HTTP1Protocol(asyncio.BufferedProtocol):
 
     def on_message_begin(self) -> None:
         self.in_head = True
-        self._url = []
+        if self._url:
+            self._url = []
         self._url_size = 0
-        self._headers = []
+        if self._headers:
+            self._headers = []
 
     def on_url(self, url: bytes) -> None:
         self._url_size += len(url)
@@ -767,6 +769,9 @@ class HTTP1Protocol(asyncio.BufferedProtocol):
             raise _Refused(400, "malformed request: no Host header in an HTTP/1.1 request")
         method = parser.get_method().decode("ascii", "replace")
         target = b"".join(self._url).decode("utf-8", "surrogateescape")
+        # The raw parts are not kept while the connection waits for its next request.
+        self._url = []
+        self._headers = []
         upgrade = bool(parser.should_upgrade()) or method == "CONNECT"
         keep_alive = bool(parser.should_keep_alive()) and not upgrade
         head = RequestHead(method, target, version, headers, self.remote, keep_alive, upgrade)

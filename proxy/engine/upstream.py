@@ -786,6 +786,9 @@ class Pool:
             conn.close()
             return
         conn.parser = None
+        # What the last response left is not kept while the connection waits in the pool.
+        conn.raw_headers = []
+        conn.raw_head = None
         conn.idle_since = conn.loop.time()
         idle.append(conn)
 
