@@ -1,10 +1,11 @@
 #!/usr/bin/env python3
 """The ceiling: the least a Python reverse proxy on the proxy's own stack can do per request.
 
-    python bench/ceiling.py PORT http://127.0.0.1:UPSTREAM_PORT
+    BENCH_ID_TOKEN=... python bench/ceiling.py PORT http://127.0.0.1:UPSTREAM_PORT
 
 asyncio protocols on uvloop with httptools on both sides, one upstream keep-alive
-connection per client connection, the same ``Authorization`` header injected, and
+connection per client connection, the same ``Authorization`` header injected
+(``Bearer $BENCH_ID_TOKEN``, as the Go peer's) and the upstream's ``Host``, and
 nothing else: no guard, no routes, no limits, no logs, no metrics, no pipelining,
 no request bodies. It is not a proxy anyone should run; it tells what the layers
 of idtoken-proxy cost, measured beside it (``bench/run.py --compare``, as
@@ -14,12 +15,11 @@ of idtoken-proxy cost, measured beside it (``bench/run.py --compare``, as
 from __future__ import annotations
 
 import asyncio
+import os
 import sys
 
 import httptools
 import uvloop
-
-TOKEN = b"Bearer eyJhbGciOiJub25lIn0.eyJleHAiOjQxMDI0NDQ4MDB9."
 
 
 class Upstream(asyncio.Protocol):
@@ -54,8 +54,10 @@ class Upstream(asyncio.Protocol):
 
 
 class Client(asyncio.Protocol):
-    def __init__(self, upstream_port: int) -> None:
+    def __init__(self, upstream_port: int, fixed: bytes) -> None:
         self.upstream_port = upstream_port
+        #: The Host and Authorization lines every upstream request carries.
+        self.fixed = fixed
         self.parser = httptools.HttpRequestParser(self)
         self.transport: asyncio.Transport | None = None
         self.upstream: Upstream | None = None
@@ -78,7 +80,7 @@ class Client(asyncio.Protocol):
 
     def on_message_complete(self) -> None:
         head = b"".join(
-            [self.parser.get_method(), b" ", self.url, b" HTTP/1.1\r\nHost: 127.0.0.1\r\nAuthorization: ", TOKEN, b"\r\n", *self.headers, b"\r\n"]
+            [self.parser.get_method(), b" ", self.url, b" HTTP/1.1\r\n", self.fixed, *self.headers, b"\r\n"]
         )
         self.url, self.headers = b"", []
         if self.upstream is not None and self.upstream.transport is not None:
@@ -96,12 +98,15 @@ class Client(asyncio.Protocol):
             self.upstream.transport.close()
 
 
-async def main(port: int, upstream_port: int) -> None:
+async def main(port: int, upstream: str) -> None:
+    authority = upstream.partition("://")[2].rstrip("/")
+    fixed = f"Host: {authority}\r\nAuthorization: Bearer {os.environ['BENCH_ID_TOKEN']}\r\n".encode()
+    upstream_port = int(authority.rpartition(":")[2])
     loop = asyncio.get_running_loop()
-    server = await loop.create_server(lambda: Client(upstream_port), "127.0.0.1", port, backlog=1024)
+    server = await loop.create_server(lambda: Client(upstream_port, fixed), "127.0.0.1", port, backlog=1024)
     async with server:
         await server.serve_forever()
 
 
 if __name__ == "__main__":
-    uvloop.run(main(int(sys.argv[1]), int(sys.argv[2].rpartition(":")[2].rstrip("/"))))
+    uvloop.run(main(int(sys.argv[1]), sys.argv[2]))

@@ -111,13 +111,17 @@ async def run(requests: int, connections: int, profile: bool) -> float:
     origin = exchange.origin_for(route)
     done = asyncio.Event()
     left = [requests]
+    failed: list[bytes] = []
 
     def client(i: int) -> None:
         proto = state()
 
         def on_write(data: bytes) -> None:
             # One write is one complete response on the plain path; count responses, then ask again.
-            left[0] -= data.count(b"HTTP/1.1 ")
+            answers = data.count(b"HTTP/1.1 ")
+            if data.count(b"HTTP/1.1 200 OK\r\n") != answers or not data.endswith(b"x" * 100):
+                failed.append(data[:200])
+            left[0] -= answers
             if left[0] <= 0:
                 done.set()
             else:
@@ -149,6 +153,8 @@ async def run(requests: int, connections: int, profile: bool) -> float:
     spent = time.process_time() - t0
     if prof:
         pstats.Stats(prof).sort_stats("tottime").print_stats(35)
+    if failed:
+        raise SystemExit(f"inproc: {len(failed)} responses were not the upstream's 200, e.g. {failed[0]!r}")
     return spent
 
 

@@ -248,3 +248,48 @@ def test_dummy_token_is_accepted_by_the_static_source() -> None:
     m = minted(token)
     assert m.aud == "http://127.0.0.1:1"
     assert m.exp > jwt_claims(token)["iat"] + 86400 * 365
+
+
+@pytest.mark.timeout(60)
+async def test_ceiling_injects_the_token_and_relays_the_answer() -> None:
+    # bench/ceiling.py: the bare reference proxy beside which the bench shows what the layers cost.
+    recorder = _Recorder()
+    server = await asyncio.start_server(recorder.handle, "127.0.0.1", 0)
+    upstream = f"127.0.0.1:{server.sockets[0].getsockname()[1]}"
+    port = bench.free_port()
+    token = bench.dummy_token(f"http://{upstream}")
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, str(ROOT / "bench" / "ceiling.py"), str(port), f"http://{upstream}",
+        env={**os.environ, "BENCH_ID_TOKEN": token}, stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.PIPE,
+    )
+    try:
+        answer = None
+        for _ in range(200):
+            try:
+                reader, writer = await asyncio.open_connection("127.0.0.1", port)
+            except OSError:
+                await asyncio.sleep(0.05)
+                continue
+            writer.write(f"GET /x HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nAuthorization: Bearer client-sent\r\n\r\n".encode())
+            answer = await asyncio.wait_for(reader.readuntil(b"ok\n"), 10)
+            writer.close()
+            break
+        assert answer is not None and answer.startswith(b"HTTP/1.1 200"), answer
+        assert recorder.seen == [(f"Bearer {token}", upstream)]
+    finally:
+        proc.terminate()
+        await proc.wait()
+        server.close()
+        await server.wait_closed()
+
+
+@pytest.mark.timeout(120)
+def test_inproc_runs_the_request_path_and_checks_every_answer() -> None:
+    # bench/inproc.py drives the real engine and exchange with fake transports; it exits
+    # non-zero if any answer is not the fake upstream's 200 with its body.
+    done = subprocess.run(
+        [sys.executable, str(ROOT / "bench" / "inproc.py"), "--requests", "3000", "--connections", "16"],
+        capture_output=True, text=True, timeout=100,
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert re.fullmatch(r"3000 requests, 16 connections: \d+\.\d us CPU per request\n", done.stdout), done.stdout
