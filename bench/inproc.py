@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """CPU per request of the proxy's own code, with no sockets: the request path in a loop.
 
-    python bench/inproc.py [--requests N] [--connections C] [--profile]
+    python bench/inproc.py [--requests N] [--connections C] [--profile] [--engine-only]
 
 The real engine (engine/http1.py's protocol, the exchange, the upstream pool's
 connections) runs on uvloop, but its transports are fakes: a client transport
@@ -10,7 +10,8 @@ transport that answers each request head with an nginx-like 100-byte response.
 What it prints is the proxy's Python work per request, without the kernel's
 (the four socket calls a request costs on loopback): a figure that moves little
 when the machine is busy, for comparing two versions of the code. The real
-figures are bench/run.py's.
+figures are bench/run.py's. ``--engine-only`` replaces the request path with a
+service that answers each request at once (the HTTP/1.1 engine's own share).
 """
 
 from __future__ import annotations
@@ -85,7 +86,7 @@ class FakeTransport:
         return False
 
 
-async def run(requests: int, connections: int, profile: bool) -> float:
+async def run(requests: int, connections: int, profile: bool, engine_only: bool = False) -> float:
     loop = asyncio.get_running_loop()
     config = parse_config(
         {
@@ -99,7 +100,7 @@ async def run(requests: int, connections: int, profile: bool) -> float:
     exchange = app.exchange
     await exchange.tokens.wait_ready(5)
     service: Any = exchange
-    if os.environ.get("INPROC_ENGINE_ONLY"):
+    if engine_only:
         # The HTTP/1.1 engine alone: a service that answers at once, with no upstream.
         class Answer:
             async def handle(self, head: Any, body: Any, response: Any) -> None:
@@ -175,6 +176,7 @@ def main() -> None:
     ap.add_argument("--requests", type=int, default=100_000)
     ap.add_argument("--connections", type=int, default=64)
     ap.add_argument("--profile", action="store_true")
+    ap.add_argument("--engine-only", action="store_true", help="answer at once, without the request path and the upstream")
     args = ap.parse_args()
     os.environ["BENCH_ID_TOKEN"] = dummy_token()
     # The access log goes where it goes when serving, but to /dev/null.
@@ -186,7 +188,7 @@ def main() -> None:
         setup_logging("info", "text")
         import uvloop
 
-        spent = uvloop.run(run(args.requests, args.connections, args.profile))
+        spent = uvloop.run(run(args.requests, args.connections, args.profile, args.engine_only))
     finally:
         os.dup2(saved, 2)
         logging.shutdown()

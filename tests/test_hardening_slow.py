@@ -348,3 +348,48 @@ async def test_the_admin_listener_has_the_same_limits_and_400_page(sa_key, priva
             await conn.close()
     finally:
         await server.stop()
+
+
+async def test_a_connection_in_use_past_the_keepalive_timeout_is_not_closed_under_it(start_proxy, sa_key, private_service):
+    # One keep-alive check per connection outlives the requests it watches (engine/http1.py):
+    # when it fires on a connection that was busy since it was set, it must wait for the new
+    # idle time, not close the connection between two requests.
+    proxy = await start_proxy(
+        sa_config(sa_key[0], {"upstream": private_service.url}, limits={"header_timeout": 5, "keepalive_timeout": 1})
+    )
+    conn = await RawConnection.open(proxy.port)
+    try:
+        for i in range(30):  # about 3 s of use, three keep-alive timeouts, never idle 1 s
+            await conn.send(request("GET", f"/r{i}"))
+            assert (await conn.response()).status == 200
+            await asyncio.sleep(0.1)
+        # Idle at last: closed, silently.
+        data = await asyncio.wait_for(conn.reader.read(), 15)
+        assert data == b""
+    finally:
+        await conn.close()
+    assert len(private_service.requests) == 30
+
+
+async def test_a_shorter_route_timeout_on_a_pooled_connection_is_kept(start_proxy, sa_key, private_service):
+    # Two routes to one upstream share its pooled connections, and each connection has one
+    # head-deadline check (engine/upstream.py): a request with a shorter timeout than the
+    # check was set for must still get its 504 at its own deadline.
+    proxy = await start_proxy(
+        sa_config(
+            sa_key[0],
+            {"upstream": private_service.url, "prefix": "/long", "timeout": 120},
+            {"upstream": private_service.url, "prefix": "/short", "timeout": 0.5},
+        )
+    )
+    conn = await RawConnection.open(proxy.port)
+    try:
+        await conn.send(request("GET", "/long/x"))
+        assert (await conn.response()).status == 200
+        await conn.send(request("GET", "/short/slow?seconds=60"))
+        # The 120 s check of the first request would answer long after this wait gives up.
+        answer = await asyncio.wait_for(conn.response(), 20)
+        assert answer.status == 504
+        assert b"within 0.5 s" in answer.body
+    finally:
+        await conn.close()

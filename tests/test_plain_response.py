@@ -38,6 +38,11 @@ CASES: list[tuple[str, bytes, bool]] = [
         True,
     ),
     ("empty body", BASE.replace(b"Content-Length: 5", b"Content-Length: 0") + b"\r\n", True),
+    # A response that comes in one read goes with its head as sent, less hop-by-hop lines
+    # (UpstreamConnection.raw_head); these take the other ways to the same bytes.
+    ("Connection twice, spelled two ways", BASE + b"Connection: keep-alive\r\nX-A: 1\r\nconnection: Keep-Alive\r\n\r\nhello", True),
+    ("an HTTP/1.0 status line", BASE.replace(b"HTTP/1.1 200", b"HTTP/1.0 200") + b"Connection: keep-alive\r\n\r\nhello", True),
+    ("103 Early Hints first", b"HTTP/1.1 103 Early Hints\r\nLink: </a.css>; rel=preload\r\n\r\n" + BASE + b"\r\nhello", True),
     ("an error status", BASE.replace(b"200 OK", b"503 Service Unavailable") + b"\r\nhello", True),
     ("no reason phrase", BASE.replace(b"200 OK", b"299 ") + b"\r\nhello", True),
     ("no Date (aiohttp adds one)", BASE.replace(DATE, b"") + b"\r\nhello", False),
