@@ -33,7 +33,7 @@ WATCHED = ["google.auth", "google.oauth2", "google.auth.transport.requests", "re
 #: The HTTP/2 side: libraries and our modules that import them.
 HTTP2 = ["h2", "hpack", "hyperframe", "proxy.engine.h2common", "proxy.engine.h2server", "proxy.engine.h2upstream", "proxy.engine.h2relay"]
 #: Standard-library and third-party modules a running HTTP/1.1 proxy has no use for
-#: (urllib.request only with an outbound proxy, yarl only outside the request path):
+#: (urllib.request only with an outbound proxy; yarl never: the proxy builds no URLs):
 #: each of ~0.5-2 MiB resident with what it brings.
 INCIDENTAL = ["email", "http.client", "urllib.request", "yarl", "html"]
 #: The HTTP/2 client, looked up before clean_env narrows PATH.

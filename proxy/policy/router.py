@@ -1,23 +1,20 @@
-"""Route matching on the raw request target, and the upstream URL it maps to.
+"""Route matching on the raw request target, and the upstream request target it maps to.
 
-Matching uses the raw path (aiohttp's ``request.path`` is percent-decoded and
-``request.url`` resolves dot segments), so what is matched is exactly what is
-forwarded. The upstream URL is built from the configured scheme, host and port
-only; nothing in the request can change the host.
+Matching uses the raw path (not a percent-decoded one, and no dot segments are
+resolved), so what is matched is exactly what is forwarded. Requests go to the
+route's configured scheme, host and port only: the upstream target is sent as
+a path and never parsed as a URL, so nothing in the request can change the host.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, NamedTuple
+from typing import NamedTuple
 from urllib.parse import unquote
 
 from ..auth.tokens import TokenKey
 from ..config import RESERVED_PREFIX, Route
 from ..errors import BadRequest, NoRoute
-
-if TYPE_CHECKING:
-    from yarl import URL
 
 
 class Target(NamedTuple):
@@ -50,28 +47,13 @@ class CompiledRoute:
         return self.route.name
 
     def upstream_target(self, rest: str, query: str) -> str:
-        """``upstream_url(rest, query).raw_path_qs``, without building the URL (the lean path's)."""
+        """The origin-form request target upstream for the raw path remainder ``rest`` and raw ``query``.
+
+        Sent to the route's own scheme, host and port (engine/upstream.py's Origin),
+        never parsed as a URL: nothing in it can change where it goes.
+        """
         path = self.base_path + rest or "/"
         return f"{path}?{query}" if query else path
-
-    def upstream_url(self, rest: str, query: str) -> URL:
-        """The upstream URL for the raw path remainder ``rest`` and raw ``query``."""
-        # Not on the request path (that uses upstream_target): yarl, with idna, is ~1 MiB resident.
-        from yarl import URL
-
-        path = self.base_path + rest or "/"
-        url = URL.build(
-            scheme=self.scheme,
-            host=self.host,
-            port=self.port,
-            path=path,
-            query_string=query,
-            encoded=True,
-        )
-        # Belt and braces: the host is ours whatever the path looks like.
-        if url.raw_host != self.host or url.port != self.port:
-            raise BadRequest("request target would change the upstream host")
-        return url
 
 
 def compile_route(route: Route, token_key: TokenKey) -> CompiledRoute:
