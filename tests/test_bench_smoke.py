@@ -134,6 +134,22 @@ class _Recorder:
         writer.close()
 
 
+async def _first_answer(port: int) -> bytes | None:
+    """The whole answer to one GET carrying the client's own Authorization, once the proxy under test listens."""
+    for _ in range(200):
+        try:
+            reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        except OSError:
+            await asyncio.sleep(0.05)
+            continue
+        writer.write(f"GET /x HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nAuthorization: Bearer client-sent\r\nConnection: close\r\n\r\n".encode())
+        try:
+            return await asyncio.wait_for(reader.read(), 10)
+        finally:
+            writer.close()
+    return None
+
+
 @pytest.mark.timeout(60)
 async def test_go_peer_is_built_and_injects_the_token(tmp_path: Path) -> None:
     _require_tools("go")
@@ -148,17 +164,7 @@ async def test_go_peer_is_built_and_injects_the_token(tmp_path: Path) -> None:
         env={"BENCH_ID_TOKEN": token}, stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.PIPE,
     )
     try:
-        answer = None
-        for _ in range(200):
-            try:
-                reader, writer = await asyncio.open_connection("127.0.0.1", port)
-            except OSError:
-                await asyncio.sleep(0.05)
-                continue
-            writer.write(f"GET /x HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nAuthorization: Bearer client-sent\r\nConnection: close\r\n\r\n".encode())
-            answer = await asyncio.wait_for(reader.read(), 10)
-            writer.close()
-            break
+        answer = await _first_answer(port)
         assert answer is not None and answer.startswith(b"HTTP/1.1 200"), answer
         assert answer.endswith(b"ok\n"), answer
         # The client's Authorization is replaced by the token; Host is the upstream's.
@@ -263,17 +269,7 @@ async def test_ceiling_injects_the_token_and_relays_the_answer() -> None:
         env={**os.environ, "BENCH_ID_TOKEN": token}, stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.PIPE,
     )
     try:
-        answer = None
-        for _ in range(200):
-            try:
-                reader, writer = await asyncio.open_connection("127.0.0.1", port)
-            except OSError:
-                await asyncio.sleep(0.05)
-                continue
-            writer.write(f"GET /x HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nAuthorization: Bearer client-sent\r\n\r\n".encode())
-            answer = await asyncio.wait_for(reader.readuntil(b"ok\n"), 10)
-            writer.close()
-            break
+        answer = await _first_answer(port)
         assert answer is not None and answer.startswith(b"HTTP/1.1 200"), answer
         assert recorder.seen == [(f"Bearer {token}", upstream)]
     finally:
