@@ -684,7 +684,11 @@ def request_host(headers: CIMultiDict[str]) -> str | None:
 
 
 async def _read_capped(body: Body, cap: int | None) -> bytes:
-    data = await body.read_all()
+    """The whole body (an HTTP/1.1 or HTTP/2 one: both read() to b"" at the end), within ``cap``."""
+    parts: list[bytes] = []
+    while part := await body.read():
+        parts.append(part)
+    data = b"".join(parts)
     if cap is not None and len(data) > cap:
         raise BodyTooLarge(f"request body exceeds max_body_bytes ({cap} bytes)")
     return data

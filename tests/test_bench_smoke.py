@@ -15,6 +15,7 @@ import os
 import re
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from types import ModuleType
 
@@ -134,6 +135,30 @@ class _Recorder:
         writer.close()
 
 
+async def _through_peer(
+    argv: Callable[[int, str], list[str]], env: dict[str, str]
+) -> tuple[bytes | None, list[tuple[str | None, str | None]], str, str]:
+    """Start a peer proxy (``argv(port, upstream)``) in front of a _Recorder and send it one request.
+
+    Returns the answer, what the upstream saw, the token the peer was given and the upstream's host:port.
+    """
+    recorder = _Recorder()
+    server = await asyncio.start_server(recorder.handle, "127.0.0.1", 0)
+    upstream = f"127.0.0.1:{server.sockets[0].getsockname()[1]}"
+    port = bench.free_port()
+    token = bench.dummy_token(f"http://{upstream}")
+    proc = await asyncio.create_subprocess_exec(
+        *argv(port, upstream), env={**env, "BENCH_ID_TOKEN": token}, stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.PIPE
+    )
+    try:
+        return await _first_answer(port), recorder.seen, token, upstream
+    finally:
+        proc.terminate()
+        await proc.wait()
+        server.close()
+        await server.wait_closed()
+
+
 async def _first_answer(port: int) -> bytes | None:
     """The whole answer to one GET carrying the client's own Authorization, once the proxy under test listens."""
     for _ in range(200):
@@ -154,26 +179,13 @@ async def _first_answer(port: int) -> bytes | None:
 async def test_go_peer_is_built_and_injects_the_token(tmp_path: Path) -> None:
     _require_tools("go")
     binary = await asyncio.to_thread(bench.build_goproxy, TOOLS, tmp_path)
-    recorder = _Recorder()
-    server = await asyncio.start_server(recorder.handle, "127.0.0.1", 0)
-    upstream = f"127.0.0.1:{server.sockets[0].getsockname()[1]}"
-    port = bench.free_port()
-    token = bench.dummy_token(f"http://{upstream}")
-    proc = await asyncio.create_subprocess_exec(
-        str(binary), "-listen", f"127.0.0.1:{port}", "-upstream", f"http://{upstream}",
-        env={"BENCH_ID_TOKEN": token}, stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.PIPE,
+    answer, seen, token, upstream = await _through_peer(
+        lambda port, upstream: [str(binary), "-listen", f"127.0.0.1:{port}", "-upstream", f"http://{upstream}"], {}
     )
-    try:
-        answer = await _first_answer(port)
-        assert answer is not None and answer.startswith(b"HTTP/1.1 200"), answer
-        assert answer.endswith(b"ok\n"), answer
-        # The client's Authorization is replaced by the token; Host is the upstream's.
-        assert recorder.seen == [(f"Bearer {token}", upstream)]
-    finally:
-        proc.terminate()
-        await proc.wait()
-        server.close()
-        await server.wait_closed()
+    assert answer is not None and answer.startswith(b"HTTP/1.1 200"), answer
+    assert answer.endswith(b"ok\n"), answer
+    # The client's Authorization is replaced by the token; Host is the upstream's.
+    assert seen == [(f"Bearer {token}", upstream)]
 
 
 def test_missing_tool_exits_nonzero_with_install_hint(clean_env: CleanEnv, tmp_path: Path) -> None:
@@ -259,24 +271,11 @@ def test_dummy_token_is_accepted_by_the_static_source() -> None:
 @pytest.mark.timeout(60)
 async def test_ceiling_injects_the_token_and_relays_the_answer() -> None:
     # bench/ceiling.py: the bare reference proxy beside which the bench shows what the layers cost.
-    recorder = _Recorder()
-    server = await asyncio.start_server(recorder.handle, "127.0.0.1", 0)
-    upstream = f"127.0.0.1:{server.sockets[0].getsockname()[1]}"
-    port = bench.free_port()
-    token = bench.dummy_token(f"http://{upstream}")
-    proc = await asyncio.create_subprocess_exec(
-        sys.executable, str(ROOT / "bench" / "ceiling.py"), str(port), f"http://{upstream}",
-        env={**os.environ, "BENCH_ID_TOKEN": token}, stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.PIPE,
+    answer, seen, token, upstream = await _through_peer(
+        lambda port, upstream: [sys.executable, str(ROOT / "bench" / "ceiling.py"), str(port), f"http://{upstream}"], dict(os.environ)
     )
-    try:
-        answer = await _first_answer(port)
-        assert answer is not None and answer.startswith(b"HTTP/1.1 200"), answer
-        assert recorder.seen == [(f"Bearer {token}", upstream)]
-    finally:
-        proc.terminate()
-        await proc.wait()
-        server.close()
-        await server.wait_closed()
+    assert answer is not None and answer.startswith(b"HTTP/1.1 200"), answer
+    assert seen == [(f"Bearer {token}", upstream)]
 
 
 @pytest.mark.timeout(120)

@@ -215,7 +215,7 @@ def test_service_account_source_imports_google_auth_when_built(
 def test_http2_side_loads_with_the_first_http2_connection_and_incidental_modules_never(tmp_path: Path, clean_env: Any, google: Any, fake_google: Any) -> None:
     curl = CURL
     if curl is None:
-        if os.environ.get("CI") == "true":
+        if os.environ.get("CI", "").lower() == "true":
             pytest.fail("curl is not installed (tests/run.sh installs it)")
         pytest.skip("curl is not installed")
     # The upstream runs in this process: hpack would log its headers, the token among them, at DEBUG.

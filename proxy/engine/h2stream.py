@@ -84,14 +84,6 @@ class H2Body:
                 self.complete = True
         return b""
 
-    async def read_all(self) -> bytes:
-        parts: list[bytes] = []
-        while True:
-            part = await self.read()
-            if not part:
-                return b"".join(parts)
-            parts.append(part)
-
 
 class H2Response:
     """Writes the proxy's own answers on a stream (pages, refusals); relayed responses go by h2relay.

@@ -220,14 +220,6 @@ class Body:
             self._conn.resume_reading("body")
         return data
 
-    async def read_all(self) -> bytes:
-        parts: list[bytes] = []
-        while True:
-            part = await self.read()
-            if not part:
-                return b"".join(parts)
-            parts.append(part)
-
 
 class Response:
     """Writes one response on an HTTP/1.1 connection, framing it as its headers say."""
